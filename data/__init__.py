@@ -1,0 +1,1 @@
+"""Samples -> tokens -> packed micro-batches."""

@@ -1,0 +1,1 @@
+"""The training engine: config, model, weights, parallelism, optimizer, checkpoints, metrics."""

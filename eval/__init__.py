@@ -1,0 +1,1 @@
+"""Evaluation: the paged-KV sampler, answer grading and the benchmark harness."""

@@ -1,0 +1,80 @@
+"""Pure-torch references for every kernel: the tests' ground truth and the CPU fallback.
+
+They compute in float32 for half-precision inputs and in the input's own dtype otherwise, so a
+float64 input gives a float64 reference. Semantics here define the contract the Triton kernels
+must meet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = weight * (x / rms(x)); with `residual`, normalise s = x + residual and return (y, s).
+
+    The sum is rounded to x's dtype before it is normalised, exactly as an unfused
+    `h = x + r; rmsnorm(h)` would, so the fused and unfused forms agree.
+    """
+    if residual is not None:
+        x = x + residual
+    h = x.to(_compute_dtype(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * h.to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, materialising the logits.
+
+    Per token: lse - logit[target] (+ z_loss * lse**2); ignored tokens contribute 0.
+    "mean" divides by the number of supervised tokens (at least 1, so an all-ignored
+    batch gives 0, not NaN).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    dtype = _compute_dtype(hidden.dtype)
+    logits = hidden.to(dtype) @ weight.to(dtype).T  # [T, V]
+    keep = targets != ignore_index
+    safe = torch.where(keep, targets, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = lse - logits.gather(1, safe[:, None]).squeeze(1)
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    total = torch.where(keep, loss, 0.0).sum()
+    if reduction == "mean":
+        total = total / keep.sum().clamp(min=1)
+    return total
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention within each packed sample; q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
+
+    One scaled-dot-product call per sample, so memory stays O(longest sample squared) rather
+    than O(T^2) for a block-diagonal mask over the whole stream.
+    """
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()  # host sync: the reference runs on CPU, where it costs nothing
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
+    return out

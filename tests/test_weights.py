@@ -1,0 +1,117 @@
+"""HF weight I/O: transformers' folders in, folders transformers loads out, clear errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine.model import ArchitectureError
+from engine.weights import HFCheckpoint, WeightsError, load_pretrained, save_pretrained, write_hf, iter_state
+from tests.conftest import random_hf_qwen2, rel_err
+
+
+def _logits(model_or_hf, ids, ours: bool):
+    with torch.no_grad():
+        return model_or_hf.logits(model_or_hf(ids)) if ours else model_or_hf(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("shard_bytes", [None, 30_000])
+def test_transformers_folder_in_and_ours_out(tmp_path, tied, shard_bytes):
+    hf = random_hf_qwen2(seed=11, tie_word_embeddings=tied)
+    kw = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
+    hf.save_pretrained(tmp_path / "theirs", **kw)
+    ours = load_pretrained(tmp_path / "theirs")
+    ids = torch.randint(0, 203, (31,), generator=torch.Generator().manual_seed(0))
+    want = _logits(hf, ids, ours=False)
+    assert rel_err(_logits(ours, ids, ours=True), want) < 1e-5
+
+    save_pretrained(ours, tmp_path / "ours", max_shard_bytes=shard_bytes or 5 * 2**30)
+    files = sorted(p.name for p in (tmp_path / "ours").iterdir())
+    if shard_bytes:
+        assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    else:
+        assert files == ["config.json", "model.safetensors"]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert torch.equal(_logits(back, ids, ours=False), want)
+
+
+def test_slices_read_only_the_rows_asked_for(tmp_path):
+    hf = random_hf_qwen2(seed=12)
+    hf.save_pretrained(tmp_path)
+    ckpt = HFCheckpoint(tmp_path)
+    full = hf.state_dict()["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(ckpt.read("layers.1.mlp.down_proj.weight", rows=slice(5, 17)), full[5:17])
+    assert ckpt.read("lm_head.weight", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def _saved(tmp_path):
+    hf = random_hf_qwen2(seed=13)
+    hf.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    return load_file(tmp_path / "model.safetensors"), save_file
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    tensors, save_file = _saved(tmp_path)
+    del tensors["model.layers.0.self_attn.k_proj.bias"]
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_pretrained(tmp_path)
+    assert "missing tensors: model.layers.0.self_attn.k_proj.bias" in str(e.value)
+    assert "unexpected tensors: model.layers.0.extra.weight" in str(e.value)
+
+
+def test_wrong_shape_and_dtype_are_named(tmp_path):
+    tensors, save_file = _saved(tmp_path)
+    tensors["model.norm.weight"] = torch.ones(47)
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(torch.int32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_pretrained(tmp_path)
+    assert "model.norm.weight in model.safetensors: shape [47], expected [48]" in str(e.value)
+    assert "model.layers.1.mlp.up_proj.weight in model.safetensors: dtype I32" in str(e.value)
+
+
+def test_truncated_file_and_bad_folders_are_named(tmp_path):
+    _saved(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"model.safetensors: unreadable safetensors file \(truncated or corrupt\?\)"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_pretrained(tmp_path)
+    with pytest.raises(WeightsError, match="config.json does not exist"):
+        load_pretrained(tmp_path / "nowhere")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}))
+    with pytest.raises(ArchitectureError, match="config.json: unknown architecture"):
+        load_pretrained(tmp_path)
+
+
+def test_a_failed_save_leaves_the_previous_export_intact(tmp_path):
+    hf = random_hf_qwen2(seed=14)
+    ours = load_pretrained(_save(hf, tmp_path / "src"))
+    dest = tmp_path / "export"
+    save_pretrained(ours, dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+
+    def dying():
+        for i, item in enumerate(iter_state(ours)):
+            if i == 5:
+                raise OSError("disk full")
+            yield item
+
+    with pytest.raises(OSError, match="disk full"):
+        write_hf(dest, ours.args, dying(), max_shard_bytes=10_000)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _save(hf, path):
+    hf.save_pretrained(path)
+    return path
