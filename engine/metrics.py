@@ -1,0 +1,101 @@
+"""FLOP accounting, MFU, memory, and the per-step record: metrics.jsonl, a progress bar, TensorBoard.
+
+MFU as ANCHORS.md defines it (causal-aware):
+    FLOPs per step = 6 x (params - embedding params) x tokens + 6 x layers x heads x head_dim x sum(len_i^2)
+    MFU = FLOPs per step / step time / (peak x devices),  peak = 989 TFLOP/s dense bf16 on H100/H200.
+torchtitan's formula counts attention as non-causal over the whole context (12 x layers x heads x
+head_dim x context per token); it is reported beside ours as `mfu_torchtitan` for comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.model import ModelArgs
+
+# Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None where none is known (CPUs, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def step_flops(args: ModelArgs, seqlens: list[int]) -> float:
+    """Training FLOPs of one step over packed samples of these lengths (causal attention)."""
+    dense = 6.0 * args.num_params(embeddings=False) * sum(seqlens)
+    attention = 6.0 * args.num_layers * args.num_heads * args.head_dim * math.fsum(n * n for n in seqlens)
+    return dense + attention
+
+
+def step_flops_torchtitan(args: ModelArgs, num_tokens: int, context: int) -> float:
+    """torchtitan's count: every token attends to the whole `context`, non-causally."""
+    per_token = 6.0 * args.num_params(embeddings=False) + 12.0 * args.num_layers * args.num_heads * args.head_dim * context
+    return per_token * num_tokens
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak bytes held so far: the CUDA caching allocator's peak, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """One JSON object per optimizer step in output_dir/metrics.jsonl (rank 0), plus a progress bar."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.bar = self.tb = None
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_records_after(start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
+
+    def _drop_records_after(self, step: int) -> None:
+        """On resume, forget steps after the checkpoint: they are about to be run again."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def write(self, message: str) -> None:
+        """Print without breaking the progress bar."""
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,182 @@
+"""Process groups, the device mesh, and the FSDP2 sharding plan, applied from outside the model.
+
+Order (torchtitan's parallelize step): activation checkpointing -> torch.compile per block ->
+`fully_shard` per decoder block -> `fully_shard([norm, lm_head])` -> `fully_shard(embed_tokens)`
+-> `fully_shard(root)`. The model is built on the meta device; `materialize` then gives each
+rank only its own shards, read from the HF safetensors row slices it owns or drawn from a
+world-size-independent random init. No rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from engine.config import ParallelConfig
+from engine.model import Qwen2, RMSNorm
+from engine.weights import HFCheckpoint
+
+log = logging.getLogger(__name__)
+
+# Name fragments that wrappers insert into parameter names; stripped to recover model names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among data-parallel ranks (every rank is data-parallel here)."""
+        return self.rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str, dp_replicate: int) -> Distributed:
+    """Join (or, outside torchrun, create a one-process) group: NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:  # plain `python engine/train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    if world % dp_replicate:
+        raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world}")
+    if dp_replicate > 1:
+        mesh = init_device_mesh(dev.type, (dp_replicate, world // dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp_shard",))
+    return Distributed(rank, world, local_rank, dev, mesh)
+
+
+def clean_name(name: str) -> str:
+    """A parameter name with checkpoint/compile wrapper fragments removed."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def parallelize(model: Qwen2, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype) -> Qwen2:
+    """Apply checkpointing, compile and the FSDP2 plan in place; returns the same model.
+
+    Gradients are reduced in fp32 and summed, not averaged: the loss is already divided by the
+    global number of supervised tokens, so the sum over ranks is the gradient of the global mean.
+    """
+    for i, layer in enumerate(model.layers):
+        if cfg.activation_checkpointing == "full" or (cfg.activation_checkpointing == "selective" and i % 2 == 0):
+            model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        if cfg.compile:
+            model.layers[i].compile()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload: OffloadPolicy = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    for layer in model.layers:
+        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **shard)
+    if not model.args.tie_word_embeddings:
+        # Backward starts with the head: keeping it gathered after forward saves one all-gather.
+        fully_shard([model.norm, model.lm_head], reshard_after_forward=False, **shard)
+        fully_shard(model.embed_tokens, reshard_after_forward=cfg.reshard_after_forward, **shard)
+    # A tied embedding is one parameter used at both ends of the model: it stays in the root group.
+    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **shard)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: every backend has it (gloo lacks PREMUL_SUM)
+    if cfg.prefetch:
+        layers = list(model.layers)
+        for i, layer in enumerate(layers):
+            layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 1 + cfg.prefetch])
+            layer.set_modules_to_backward_prefetch(layers[max(0, i - cfg.prefetch) : i][::-1])
+    return model
+
+
+def _local_rows(param: torch.Tensor) -> slice:
+    """Rows of dim 0 this rank holds: FSDP2 shards dim 0 in torch.chunk-sized pieces."""
+    if not isinstance(param, DTensor):
+        return slice(0, param.shape[0])
+    rows = param.shape[0]
+    start, stop = 0, rows
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            if placement.dim != 0:
+                raise ValueError(f"expected dim-0 sharding, got {placement}")
+            n, idx = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+            chunk = -(-(stop - start) // n)
+            start, stop = min(start + idx * chunk, stop), min(start + (idx + 1) * chunk, stop)
+    return slice(start, stop)
+
+
+def _seeded_normal(name: str, shape: torch.Size, rows: slice, std: float, seed: int, block: int = 1024) -> torch.Tensor:
+    """Rows [rows] of a normal(0, std) tensor that is the same whatever the world size.
+
+    Each block of `block` rows has its own generator seeded from (seed, name, block index),
+    so a rank draws only the blocks it overlaps.
+    """
+    out = torch.empty((rows.stop - rows.start, *shape[1:]))
+    first, last = rows.start // block, max(rows.start, rows.stop - 1) // block
+    for b in range(first, last + 1) if rows.stop > rows.start else ():
+        digest = hashlib.sha256(f"{seed}:{name}:{b}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        lo, hi = b * block, min((b + 1) * block, shape[0])
+        full = torch.empty((hi - lo, *shape[1:])).normal_(0.0, std, generator=g)
+        a, z = max(lo, rows.start), min(hi, rows.stop)
+        out[a - rows.start : z - rows.start] = full[a - lo : z - lo]
+    return out
+
+
+@torch.no_grad()
+def materialize(model: Qwen2, device: torch.device, checkpoint: HFCheckpoint | None = None, seed: int = 0, std: float = 0.02) -> None:
+    """Allocate this rank's shards on `device` and fill them: from `checkpoint` or a seeded init."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    if checkpoint is not None:
+        checkpoint.validate()
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for raw_name, param in model.named_parameters():
+        name = clean_name(raw_name)
+        local = param.to_local() if isinstance(param, DTensor) else param
+        rows = _local_rows(param)
+        if checkpoint is not None:
+            value = checkpoint.read(name, rows=rows, dtype=local.dtype)
+        elif id(param) in norms:
+            value = torch.ones_like(local)
+        elif name.endswith(".bias"):
+            value = torch.zeros_like(local)
+        else:
+            value = _seeded_normal(name, param.shape, rows, std, seed)
+        if value.shape != local.shape:
+            raise RuntimeError(f"{name}: local shard {tuple(local.shape)} but read {tuple(value.shape)} for rows {rows}")
+        local.copy_(value)

@@ -1,0 +1,171 @@
+"""Full fine-tuning on packed long-CoT data with FSDP2: the engine's main job.
+
+    torchrun [--nnodes N ...] --nproc_per_node G engine/train.py --config FILE [--section.key=value ...]
+    python engine/train.py --help        # every config key, its type, default and meaning
+
+NCCL on GPUs, gloo on CPU; a plain `python engine/train.py ...` runs a world of one. Rerunning
+the same command resumes from the newest complete checkpoint in train.output_dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (torchrun engine/train.py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from engine.checkpoint import Checkpointer, crash_point, export_hf
+from engine.config import Config, ConfigError, describe_keys, load_config
+from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops, step_flops_torchtitan
+from engine.model import PRESETS, build_model
+from engine.optim import build_optimizer, build_scheduler
+from engine.parallel import init_distributed, materialize, parallelize
+from engine.weights import HFCheckpoint
+
+log = logging.getLogger("engine.train")
+
+USAGE = "usage: torchrun --nproc_per_node N engine/train.py --config FILE [--section.key=value ...]"
+
+
+def parse_args(argv: list[str]) -> Config:
+    """The validated config; raises ConfigError before any process group exists."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__}\nConfig keys:\n{describe_keys()}")
+        raise SystemExit(0)
+    if argv[0] != "--config" or len(argv) < 2:
+        raise ConfigError(f"the first argument must be --config FILE\n{USAGE}")
+    return load_config(argv[1], argv[2:])
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    source = cfg.data.tokenizer or cfg.model.path
+    if source:
+        return AutoTokenizer.from_pretrained(source)
+    if cfg.data.path == "synthetic":
+        from data.synthetic import byte_tokenizer
+
+        return byte_tokenizer()
+    raise ConfigError("data.tokenizer: a preset model with real data needs a tokenizer folder (set data.tokenizer)")
+
+
+def train(cfg: Config) -> None:
+    from data import load_samples
+    from data.loader import PackedLoader
+
+    d = init_distributed(cfg.train.device, cfg.parallel.dp_replicate)
+    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    kernels.set_backend(cfg.train.kernels)
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+
+    tokenizer = load_tokenizer(cfg)
+    samples, report = load_samples(cfg.data, tokenizer)
+    log.info("data: %s", report)
+    loader = PackedLoader(
+        samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
+        epochs=cfg.train.epochs, world_size=d.world_size, rank=d.dp_rank, seed=cfg.train.seed,
+    )
+    total_steps = min(cfg.train.max_steps or loader.total_steps, loader.total_steps)
+
+    hf = HFCheckpoint(cfg.model.path) if cfg.model.path else None
+    args = hf.args if hf else PRESETS[cfg.model.preset]
+    if len(tokenizer) > args.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}")
+    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+    model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
+    parallelize(model, d.mesh, cfg.parallel, param_dtype=dtype)
+    materialize(model, d.device, hf, seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optim, d.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+
+    checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, d.rank)
+    step, bad_steps = 0, 0
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        state = checkpointer.load(latest, model, optimizer)
+        step, bad_steps = state["step"], state["bad_steps"]
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        log.info("resumed from %s (step %d)", latest, step)
+
+    def save(epoch: int) -> None:
+        train_state = {"step": step, "epoch": epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
+        checkpointer.save(step, model, optimizer, train_state)
+
+    metrics = MetricsLogger(out, d.is_main, total_steps, step, cfg.train.tensorboard)
+    peak = peak_flops(d.device)
+    last_sync = time.perf_counter()
+    model.train()
+    for batch in loader if step < total_steps else ():
+        loss_sum = torch.zeros((), device=d.device)
+        divisor = max(batch.num_label_tokens, 1)  # supervised tokens of the whole global batch
+        for mb in batch.micro_batches:
+            mb = mb.to(d.device)
+            loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
+            (loss / divisor).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
+        dist.all_reduce(loss_sum)
+        loss_value, norm_value = torch.stack([loss_sum / divisor, grad_norm.full_tensor()]).tolist()  # host sync: the step's only one
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            optimizer.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            log.warning("step %d: non-finite loss %s or grad norm %s; skipped (%d in a row)", step, loss_value, norm_value, bad_steps)
+            if bad_steps >= cfg.train.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}); aborting")
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+
+        now = time.perf_counter()
+        step_time, last_sync = now - last_sync, now
+        flops = step_flops(args, batch.seqlens)
+        metrics.log({
+            "step": step, "epoch": batch.epoch, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+            "tokens": batch.num_tokens, "label_tokens": batch.num_label_tokens, "step_time": step_time,
+            "tokens_per_s": batch.num_tokens / step_time, "tokens_per_s_per_device": batch.num_tokens / step_time / d.world_size,
+            "mfu": flops / step_time / (peak * d.world_size) if peak else None,
+            "mfu_torchtitan": step_flops_torchtitan(args, batch.num_tokens, cfg.data.tokens_per_microbatch) / step_time / (peak * d.world_size) if peak else None,
+            "mem_gb": peak_memory_gb(d.device), "skipped": bad_steps > 0,
+        })
+        crash_point(f"step:{step}")
+        epoch_end = step % loader.steps_per_epoch == 0 and cfg.checkpoint.at_epoch_end
+        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if epoch_end or periodic or step == total_steps:
+            save(batch.epoch)
+        if step >= total_steps:
+            break
+    metrics.close()
+
+    if cfg.checkpoint.export_hf:
+        export_hf(model, out / "hf", d.rank, dtype=dtype, tokenizer=tokenizer)
+        log.info("exported the model to %s", out / "hf")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
