@@ -233,10 +233,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block in residual-carrying form: (sublayer output, residual) -> the same.
+    """Pre-norm block: h -> h + attn(norm(h)) -> (that) + mlp(norm(that)).
 
-    Each norm adds the previous sublayer's output to the residual stream as it normalises
-    (kernels.rmsnorm's fused residual), so the stream is read once per norm.
+    Only the residual stream h crosses a layer boundary, so activation checkpointing saves one
+    [T, H] tensor per layer. Inside the block the second norm adds the attention output to the
+    stream as it normalises (kernels.rmsnorm's fused residual), reading the stream once.
     """
 
     def __init__(self, args: ModelArgs, layer: int):
@@ -246,13 +247,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, residual, cos, sin, ctx):
-        if residual is None:  # first layer: x is the embedding and starts the stream
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual)
-        return self.mlp(h), residual
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        normed, h = self.post_attention_layernorm(attn, h)
+        return h + self.mlp(normed)
 
 
 class LMHead(nn.Module):
@@ -320,10 +318,9 @@ class Qwen2(nn.Module):
             position_ids = positions_from_cu_seqlens(cu_seqlens, T)
         x = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, x.dtype)
-        residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, ctx)
-        hidden, _ = self.norm(x, residual)
+            x = layer(x, cos, sin, ctx)
+        hidden = self.norm(x)
         return hidden if labels is None else self.lm_head(hidden, labels)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
