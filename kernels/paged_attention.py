@@ -280,7 +280,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_cache(name, cache)
         if cache.shape[2:] != k.shape[1:] or cache.dtype != k.dtype or cache.device != k.device:
-            raise ValueError(f"{name} {tuple(cache.shape)} {cache.dtype} {cache.device} does not hold k {tuple(k.shape)} {k.dtype} {k.device}")
+            raise ValueError(f"{name} {tuple(cache.shape)} {cache.dtype} {cache.device} does not hold k {tuple(k.shape)} {k.dtype} "
+                             f"{k.device}")
     _check_int_vector("slot_mapping", slot_mapping, k.shape[0])
     if _use_triton(k):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
@@ -318,7 +319,8 @@ def paged_attention(
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != B:
         raise ValueError(f"block_tables must be int32 [B={B}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}")
     if block_tables.shape[1] * k_cache.shape[1] < max_context_len:
-        raise ValueError(f"block_tables has {block_tables.shape[1]} pages of {k_cache.shape[1]}: too few for max_context_len={max_context_len}")
+        raise ValueError(f"block_tables has {block_tables.shape[1]} pages of {k_cache.shape[1]} tokens: too few for "
+                         f"max_context_len={max_context_len}")
     _check_int_vector("context_lens", context_lens, B)
     scale = D**-0.5 if scale is None else scale
     if _use_triton(q):

@@ -113,7 +113,8 @@ def paged_attention(
     dtype = _compute_dtype(q.dtype)
     scale = D**-0.5 if scale is None else scale
     live = torch.arange(block_tables.shape[1] * k_cache.shape[1], device=q.device)[None, :] < context_lens[:, None]  # [B, N]
-    k, v = (c[block_tables.long()].flatten(1, 2).to(dtype).masked_fill(~live[:, :, None, None], 0.0) for c in (k_cache, v_cache))  # [B, N, Hkv, D]
+    k, v = (c[block_tables.long()].flatten(1, 2).to(dtype).masked_fill(~live[:, :, None, None], 0.0)  # [B, N, Hkv, D]
+            for c in (k_cache, v_cache))
     scores = torch.einsum("bhgd,bnhd->bhgn", q.to(dtype).view(B, Hkv, Hq // Hkv, D), k) * scale  # [B, Hkv, G, N]
     scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
     probs = torch.where(live.any(-1)[:, None, None, None], scores.softmax(-1), 0.0)

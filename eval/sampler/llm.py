@@ -178,7 +178,8 @@ class LLM:
                 done = self.scheduler.postprocess(batch, token_ids)
                 finished += done
                 rate = batch.num_tokens / (time.perf_counter() - start)
-                bar.set_postfix_str(f"{'prefill' if batch.is_prefill else 'decode'} {rate:,.0f} tok/s, batch {len(batch.targets)}", refresh=False)
+                kind = "prefill" if batch.is_prefill else "decode"
+                bar.set_postfix_str(f"{kind} {rate:,.0f} tok/s, batch {len(batch.targets)}", refresh=False)
                 bar.update(len(done))
         except BaseException:
             self.scheduler.abort_all()
@@ -189,6 +190,7 @@ class LLM:
             raise RuntimeError(f"KV pages leaked: {self.block_manager.num_free} of {self.block_manager.num_blocks} free after generate")
         finished.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [
-            Output(s.prompt_index, s.sample_index, s.token_ids[: s.num_prompt_tokens], s.generated, self.stop_checker.text(s), s.finish_reason)
+            Output(s.prompt_index, s.sample_index, s.token_ids[: s.num_prompt_tokens], s.generated, self.stop_checker.text(s),
+                   s.finish_reason)  # fmt: skip
             for s in finished
         ]

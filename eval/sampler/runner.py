@@ -161,7 +161,8 @@ class ModelRunner:
         cu = [0]
         for s in seqs:
             cu.append(cu[-1] + s.num_tokens)
-        ctx = PrefillContext(self.kv_cache, self._tensor(slots, torch.int32), self._tensor(cu, torch.int32), max(s.num_tokens for s in seqs))
+        max_seqlen = max(s.num_tokens for s in seqs)
+        ctx = PrefillContext(self.kv_cache, self._tensor(slots, torch.int32), self._tensor(cu, torch.int32), max_seqlen)
         hidden = self.model(self._tensor(ids, torch.long), self._tensor(positions, torch.long), ctx=ctx)  # [T, H]
         last = self._tensor([c - 1 for c in cu[1:]], torch.long)
         return self.model.logits(hidden[last])  # [n, V]
