@@ -1,4 +1,4 @@
-"""Paged KV store and paged decode attention (Triton, under the interpreter on CPU) against float64 references."""
+"""Paged KV store and paged decode attention (Triton: compiled on a GPU, interpreted on CPU) against float64 references."""
 
 import os
 
@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from kernels import paged_attention as pa
 from kernels import reference
 from tests.conftest import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _paged_case(Hq, Hkv, D, page, lens, dtype, seed=0, width_extra=2):
@@ -31,7 +33,7 @@ def _paged_case(Hq, Hkv, D, page, lens, dtype, seed=0, width_extra=2):
             v_cache[own[i // page], i % page] = torch.randn(Hkv, D, generator=g, dtype=torch.float64)
     q = torch.randn(len(lens), Hq, D, generator=g, dtype=torch.float64)
     context_lens = torch.tensor(lens, dtype=torch.int32)
-    return q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables, context_lens
+    return q.to(DEVICE, dtype), k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype), tables.to(DEVICE), context_lens.to(DEVICE)
 
 
 CASES = {
@@ -78,7 +80,7 @@ def test_split_k_plans_agree():
 
 def test_empty_context_gives_zeros():
     q, kc, vc, tables, cl = _paged_case(4, 2, 16, 8, [5, 9], torch.float32, seed=3)
-    cl = torch.tensor([0, 9], dtype=torch.int32)
+    cl = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
     for splits in (1, 2):
         got = pa.paged_attention_triton(q, kc, vc, tables, cl, 9, 0.25, splits)
         assert torch.equal(got[0], torch.zeros_like(got[0]))
@@ -87,7 +89,7 @@ def test_empty_context_gives_zeros():
 
 def test_split_plan_covers_context():
     for batch, heads, ctx in [(1, 8, 32768), (256, 8, 32768), (3, 2, 1), (1, 1, 65), (4, 2, 1000)]:
-        splits, partition = pa.split_plan(batch, heads, ctx, torch.device("cpu"))
+        splits, partition = pa.split_plan(batch, heads, ctx, torch.device(DEVICE))
         assert partition % pa.BLOCK_N == 0 and 1 <= splits <= pa.MAX_SPLITS
         assert (splits - 1) * partition < ctx <= splits * partition or (ctx <= partition and splits == 1)
 
@@ -96,11 +98,12 @@ def test_split_plan_covers_context():
 def test_store_kv_matches_reference(dtype):
     g = torch.Generator().manual_seed(4)
     T, Hkv, D, num_blocks, page = 37, 3, 24, 9, 5
-    k = torch.randn(T, Hkv, D, generator=g).to(dtype)
-    v = torch.randn(T, Hkv, D, generator=g).to(dtype)
+    k = torch.randn(T, Hkv, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(T, Hkv, D, generator=g).to(DEVICE, dtype)
     slots = torch.randperm(num_blocks * page, generator=g)[:T].int()
     slots[[3, 20, 36]] = -1  # padding rows store nothing
-    caches = [torch.randn(num_blocks, page, Hkv, D, generator=g).to(dtype) for _ in range(2)]
+    slots = slots.to(DEVICE)
+    caches = [torch.randn(num_blocks, page, Hkv, D, generator=g).to(DEVICE, dtype) for _ in range(2)]
     want = [c.clone() for c in caches]
     reference.store_kv(k, v, *want, slots)
     pa.store_kv_triton(k, v, *caches, slots)
@@ -109,17 +112,18 @@ def test_store_kv_matches_reference(dtype):
     assert torch.equal(flat[slots[0].long()], k[0]) and not torch.equal(flat[slots[4].long()], caches[0].view(-1, Hkv, D)[0] * 0)
 
 
-def test_public_functions_run_triton_under_the_interpreter(monkeypatch):
-    assert os.environ.get("TRITON_INTERPRET") == "1" and pa._use_triton(torch.zeros(1))
+def test_public_functions_run_triton(monkeypatch):
+    assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    assert pa._use_triton(torch.zeros(1, device=DEVICE))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the torch reference ran where the Triton kernel should have")
 
     q, kc, vc, tables, cl = _paged_case(4, 2, 16, 8, [5, 20], torch.float32, seed=5)
     want = reference.paged_attention(q.double(), kc.double(), vc.double(), tables, cl)
-    k = torch.randn(3, 2, 16)
-    slots = torch.tensor([0, 1, -1], dtype=torch.int32)
-    kc2, vc2 = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+    k = torch.randn(3, 2, 16, device=DEVICE)
+    slots = torch.tensor([0, 1, -1], dtype=torch.int32, device=DEVICE)
+    kc2, vc2 = torch.zeros(2, 8, 2, 16, device=DEVICE), torch.zeros(2, 8, 2, 16, device=DEVICE)
     monkeypatch.setattr(reference, "paged_attention", forbidden)
     monkeypatch.setattr(reference, "store_kv", forbidden)
     assert rel_err(pa.paged_attention(q, kc, vc, tables, cl, 20), want) < 2e-6
@@ -140,8 +144,8 @@ def test_contract_errors_name_the_tensor():
     with pytest.raises(ValueError, match="context_lens"):
         pa.paged_attention(q, kc, vc, tables, cl[:1], 9)
     with pytest.raises(ValueError, match="contiguous"):
-        pa.store_kv(q[:, :2], q[:, :2], kc.transpose(1, 2), vc, torch.zeros(2, dtype=torch.int32))
+        pa.store_kv(q[:, :2], q[:, :2], kc.transpose(1, 2), vc, torch.zeros(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="slot_mapping"):
-        pa.store_kv(q[:, :2], q[:, :2], kc, vc, torch.zeros(3, dtype=torch.int32))
+        pa.store_kv(q[:, :2], q[:, :2], kc, vc, torch.zeros(3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="takes"):
         pa.paged_attention_triton(q.double(), kc.double(), vc.double(), tables, cl, 9, 1.0)

@@ -103,8 +103,10 @@ class LLM:
         model_dir = Path(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks or 1)):
-            if not isinstance(value, int) or value < 1:
+        sizes = {"block_size": block_size, "max_num_seqs": max_num_seqs, "num_blocks": num_blocks, "max_model_len": max_model_len,
+                 "max_num_batched_tokens": max_num_batched_tokens}
+        for name, value in sizes.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
         if not 0 < memory_fraction <= 1:
             raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")

@@ -217,7 +217,8 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
                 step()
-            pool = pool or graph.pool()
+            if pool is None:
+                pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(dev)
         log.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
