@@ -82,7 +82,7 @@ def _paged_attention_kernel(
     normalised output goes straight to out. An empty context gives zeros, not NaN.
     Q K^T multiplies in the cache dtype (exact products, float32 sums). P V keeps P in float32
     (tf32 on the tensor cores for half caches, IEEE for float32) rather than rounding P to bf16 as
-    flash kernels do: that rounding tripled the error against torch's own; decode is memory-bound,
+    flash kernels do: that rounding nearly tripled the error against torch's; decode is memory-bound,
     so the wider dot costs no time. UPCAST feeds Q K^T float32 copies of bf16 tiles (same products)
     because Triton's interpreter multiplies bf16 bit patterns (triton-lang/triton#11584).
     """

@@ -122,10 +122,11 @@ def test_seeded_samples_survive_preemption(model_dir, fast_kernels):
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
 
 
-def test_top_k_one_equals_greedy(model_dir, fast_kernels):
+def test_top_k_one_equals_greedy(model_dir, fast_kernels, capsys):
     llm = make_llm(model_dir, num_blocks=32, max_model_len=64)
     prompts = _prompts([4, 19, 9], seed=6)
-    greedy = llm.generate(prompts, SamplingParams(max_tokens=10), use_tqdm=False)
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=10))
+    assert "Generating" in capsys.readouterr().err  # the progress bar
     top1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=10, seed=3), use_tqdm=False)
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
 

@@ -126,7 +126,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * fraction - (total - free) - peak
         else:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            try:
+                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError) as e:
+                raise RuntimeError(f"cannot read the available memory on this OS ({e}): pass num_blocks") from None
             budget = available * fraction
         num_blocks = min(int(budget // page_bytes), most)
         if num_blocks < 1:
