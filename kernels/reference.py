@@ -78,3 +78,44 @@ def varlen_attention(
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache (the sampler: kernels/paged_attention.py). Layout of one layer's cache:
+# [num_blocks, block_size, Hkv, D]; token i of a sequence sits at flat slot
+# block_table[i // block_size] * block_size + i % block_size.
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] into the caches at flat slots [T]; a negative slot skips its token."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()  # boolean indexing syncs: this reference runs on CPU
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense softmax attention of q [B, Hq, D] over each sequence's first context_lens[b] cached tokens.
+
+    Gathers every page of the block table into a dense [B, pages * block_size, Hkv, D] copy and
+    zeroes and masks the positions past the context (whatever they hold, NaN included); an empty
+    context gives zeros. Returns q's dtype.
+    """
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    dtype = _compute_dtype(q.dtype)
+    scale = D**-0.5 if scale is None else scale
+    live = torch.arange(block_tables.shape[1] * k_cache.shape[1], device=q.device)[None, :] < context_lens[:, None]  # [B, N]
+    k, v = (c[block_tables.long()].flatten(1, 2).to(dtype).masked_fill(~live[:, :, None, None], 0.0)  # [B, N, Hkv, D]
+            for c in (k_cache, v_cache))
+    scores = torch.einsum("bhgd,bnhd->bhgn", q.to(dtype).view(B, Hkv, Hq // Hkv, D), k) * scale  # [B, Hkv, G, N]
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
+    probs = torch.where(live.any(-1)[:, None, None, None], scores.softmax(-1), 0.0)
+    return torch.einsum("bhgn,bnhd->bhgd", probs, v).reshape(B, Hq, D).to(q.dtype)

@@ -1,0 +1,198 @@
+"""`LLM(model_dir).generate(prompts, params)`: the sampler's one entry point.
+
+It loads the model folder's weights (engine.weights) and tokenizer, sizes the paged KV cache,
+and loops schedule -> run -> postprocess until every sample has finished. Outputs come back flat
+and prompt-major: with n samples per prompt, outputs[i * n + j] is sample j of prompt i.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.weights import load_pretrained
+from eval.sampler.block_manager import BlockManager
+from eval.sampler.runner import ModelRunner
+from eval.sampler.scheduler import Scheduler
+from eval.sampler.sequence import SamplingParams, Sequence
+from eval.sampler.stopping import StopChecker
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass
+class Output:
+    """One sample: token_ids are the generated ids only (EOS included when it ended the sample);
+    text is their decoding without special tokens, cut before a stop string (None without a
+    tokenizer); finish_reason is "stop" (EOS or a stop string) or "length" (max_tokens)."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype}; allowed: {', '.join(DTYPES)}")
+    return dtype
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _eos_token_ids(model_dir: Path, tokenizer: Any) -> set[int]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, together."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.exists():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids |= set(value) if isinstance(value, list) else {value} if isinstance(value, int) else set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLM:
+    """A model folder ready to sample from.
+
+    dtype: "bfloat16" | "float16" | "float32" | "float64" or a torch dtype (None: bf16 on CUDA,
+    float32 on CPU). num_blocks: KV pages of block_size tokens (None: sized from
+    memory_fraction of the device's memory). max_model_len (None: the config's
+    max_position_embeddings) bounds prompt + max_tokens; max_num_batched_tokens (None:
+    max_model_len) bounds one prefill step. tokenizer: a folder to load the tokenizer from when
+    model_dir has none. cuda_graphs: capture decode as CUDA graphs (CUDA only).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        memory_fraction: float = 0.9,
+        cuda_graphs: bool = True,
+        tokenizer: str | os.PathLike | None = None,
+    ):
+        model_dir = Path(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        sizes = {"block_size": block_size, "max_num_seqs": max_num_seqs, "num_blocks": num_blocks, "max_model_len": max_model_len,
+                 "max_num_batched_tokens": max_num_batched_tokens}
+        for name, value in sizes.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
+        self.model = load_pretrained(model_dir, dtype=self.dtype, device=self.device).eval()
+        self.tokenizer = _load_tokenizer(Path(tokenizer) if tokenizer is not None else model_dir)
+        if tokenizer is not None and self.tokenizer is None:
+            raise ValueError(f"tokenizer={tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) there")
+        self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer)
+        self.max_model_len = max_model_len or self.model.args.max_position_embeddings
+        max_num_batched_tokens = max_num_batched_tokens or self.max_model_len
+        if max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_model_len={self.max_model_len}: a preempted "
+                             "sequence is recomputed in one prefill, so it must fit one step")
+        self.runner = ModelRunner(
+            self.model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size)
+        self.stop_checker = StopChecker(self.eos_token_ids, self.tokenizer)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.stop_checker)
+
+    def _encode(self, index: int, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is a string but the model folder has no tokenizer: pass token ids or tokenizer=DIR")
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        else:
+            ids = list(prompt)
+        vocab = self.model.args.vocab_size
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {index}: token id {bad!r} is not an int in [0, {vocab})")
+        return ids
+
+    def _request(self, index: int, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params for prompt {index} must be SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"prompt {index}: stop strings need a tokenizer, and the model folder has none")
+        ids = self._encode(index, prompt)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt {index}: {len(ids)} prompt tokens + max_tokens={params.max_tokens} exceed "
+                             f"max_model_len={self.max_model_len}")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))  # a CPU tensor: no device sync
+        seq = Sequence(ids, params, seed, index)
+        self.scheduler.check_fits(seq)
+        return seq
+
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams], use_tqdm: bool = True
+    ) -> list[Output]:
+        """Sample every prompt; one Output per (prompt, sample), prompt-major."""
+        if not isinstance(prompts, list):
+            raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
+        seqs = [self._request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]  # all checked before any runs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        finished: list[Sequence] = []
+        bar = tqdm(total=sum(sp.n for sp in params), desc="Generating", unit="sample", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while not self.scheduler.done:
+                start = time.perf_counter()
+                batch = self.scheduler.schedule()
+                token_ids = self.runner.run(batch)
+                done = self.scheduler.postprocess(batch, token_ids)
+                finished += done
+                rate = batch.num_tokens / (time.perf_counter() - start)
+                kind = "prefill" if batch.is_prefill else "decode"
+                bar.set_postfix_str(f"{kind} {rate:,.0f} tok/s, batch {len(batch.targets)}", refresh=False)
+                bar.update(len(done))
+        except BaseException:
+            self.scheduler.abort_all()
+            raise
+        finally:
+            bar.close()
+        if not self.block_manager.all_free():
+            raise RuntimeError(f"KV pages leaked: {self.block_manager.num_free} of {self.block_manager.num_blocks} free after generate")
+        finished.sort(key=lambda s: (s.prompt_index, s.sample_index))
+        return [
+            Output(s.prompt_index, s.sample_index, s.token_ids[: s.num_prompt_tokens], s.generated, self.stop_checker.text(s),
+                   s.finish_reason)  # fmt: skip
+            for s in finished
+        ]

@@ -1,0 +1,328 @@
+"""Paged KV cache for the sampler: the K/V store and the decode attention over pages.
+
+The cache of one layer is `[num_blocks, block_size, Hkv, D]`: a sequence's token i lives in page
+`block_table[i // block_size]` at row `i % block_size`, so sequences grow a page at a time and
+the n samples of one prompt can share the prompt's pages. A flat slot is `page * block_size + row`.
+
+Decode attention reads every live K/V byte once per step, so it is memory-bound. One program
+handles one (sequence, KV head, split): it loads the G = Hq / Hkv query heads that share the KV
+head as one [G, D] tile (grouped-query attention reads each K/V row once, not G times) and runs an
+online softmax over its split's tokens. A short batch with long contexts has too few (sequence,
+KV head) pairs to fill the GPU, so the context is cut into splits (split-K) whose partial results
+(unnormalised output, running max, running sum) a second kernel merges.
+
+Inference only: there is no backward, so no autograd.Function layer. The torch references are
+at the end of kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+
+BLOCK_N = 64  # tokens per tile of the attention loop (any page size; each token finds its page)
+MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more to merge than it saves
+MAX_SPLITS = 64
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """Triton for CUDA tensors and under TRITON_INTERPRET=1 (CPU tests); the torch reference otherwise.
+
+    The one place the backend is chosen: swap for kernels.backend() once that lands.
+    """
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, T, stride_kt, stride_vt,
+    ROW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_T tokens per program: copy each one's [Hkv * D] key and value rows into its slot (slot < 0: skip)."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slots = tl.load(slot_ptr + toks, mask=toks < T, other=-1).to(tl.int64)
+    row_end = tl.where(slots >= 0, ROW, 0)  # [BLOCK_T]; a skipped token stores nothing
+    src = toks.to(tl.int64)[:, None]
+    dst = slots[:, None] * ROW
+    for start in range(0, ROW, BLOCK_R):
+        offs = start + tl.arange(0, BLOCK_R)[None, :]
+        mask = offs < row_end[:, None]
+        k = tl.load(k_ptr + src * stride_kt + offs, mask=mask)
+        v = tl.load(v_ptr + src * stride_vt + offs, mask=mask)
+        tl.store(k_cache_ptr + dst + offs, k, mask=mask)
+        tl.store(v_cache_ptr + dst + offs, v, mask=mask)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, m_ptr, l_ptr,
+    qk_scale, partition,
+    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+    stride_ob, stride_oh, stride_os,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Program (b, kv_head, s): online softmax of the GROUP query heads over tokens [s*partition, ...).
+
+    Scores live in the log2 domain (qk_scale includes log2(e)) so the exponentials are exp2.
+    With SPLIT the unnormalised output and its (max, sum) go to per-split scratch; without, the
+    normalised output goes straight to out. An empty context gives zeros, not NaN.
+    Q K^T multiplies in the cache dtype (exact products, float32 sums). P V keeps P in float32
+    (tf32 on the tensor cores for half caches, IEEE for float32) rather than rounding P to bf16 as
+    flash kernels do: that rounding nearly tripled the error against torch's; decode is memory-bound,
+    so the wider dot costs no time. UPCAST feeds Q K^T float32 copies of bf16 tiles (same products)
+    because Triton's interpreter multiplies bf16 bit patterns (triton-lang/triton#11584).
+    """
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + b)
+    start = s * partition
+    end = tl.minimum(context_len, start + partition)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D_PAD)
+    heads = kvh * GROUP + g  # [GROUP_PAD] query heads of this KV head
+    gmask, dmask = g < GROUP, d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for tok0 in range(start, end, BLOCK):
+        toks = tok0 + tl.arange(0, BLOCK)
+        tmask = toks < end
+        page = tl.load(table + toks // PAGE, mask=tmask, other=0).to(tl.int64)
+        rows = page * stride_cb + (toks % PAGE) * stride_ct + kvh * stride_ch  # [BLOCK]
+        kv_mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK, D_PAD]
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK]
+        scores = tl.where(tmask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        m = m_new
+
+    o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :]
+    o_mask = gmask[:, None] & dmask[None, :]
+    if SPLIT:
+        tl.store(o_ptrs, acc, mask=o_mask)
+        ml = (b * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + s  # [B, Hq, S] scratch
+        tl.store(m_ptr + ml, m, mask=gmask)
+        tl.store(l_ptr + ml, l, mask=gmask)
+    else:
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, m_ptr, l_ptr, out_ptr, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):  # fmt: skip
+    """Program (b, q_head): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over non-empty splits."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    ml = (b * tl.num_programs(1) + h) * num_splits + s
+    smask = s < num_splits
+    m = tl.load(m_ptr + ml, mask=smask, other=float("-inf"))
+    l = tl.load(l_ptr + ml, mask=smask, other=0.0)
+    live = m > float("-inf")  # empty splits (past the context) hold m = -inf
+    m_max = tl.max(tl.where(live, m, -3.0e38), axis=0)
+    w = tl.where(live, tl.exp2(m - m_max), 0.0)  # [S_PAD]
+    part = tl.load(
+        part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+        mask=smask[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
+    )  # [S_PAD, D_PAD]
+    denom = tl.sum(w * l, axis=0)
+    out = tl.sum(w[:, None] * part, axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host functions: check the contract, plan the grid, launch
+
+
+def _check_cache(name: str, cache: torch.Tensor) -> None:
+    if cache.dim() != 4 or not cache.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [num_blocks, block_size, Hkv, D] tensor, got shape {tuple(cache.shape)} "
+                         f"strides {cache.stride()}")
+
+
+def _check_int_vector(name: str, t: torch.Tensor, length: int) -> None:
+    if t.dtype not in (torch.int32, torch.int64) or t.shape != (length,):
+        raise ValueError(f"{name} must be an int32/int64 vector of length {length}, got {t.dtype} {tuple(t.shape)}")
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Launch the store: a few tokens per program (about 4096 elements), rows of Hkv * D contiguous elements."""
+    T, Hkv, D = k.shape
+    if k.stride(2) != 1 or k.stride(1) != D or v.stride(2) != 1 or v.stride(1) != D:
+        raise ValueError(f"k and v must be contiguous within a token ([Hkv, D] rows); strides {k.stride()} and {v.stride()}")
+    if T == 0:
+        return
+    row = Hkv * D
+    block_r = min(triton.next_power_of_2(row), 2048)
+    block_t = min(triton.next_power_of_2(T), max(1, 4096 // block_r))
+    _store_kv_kernel[(triton.cdiv(T, block_t),)](k, v, k_cache, v_cache, slot_mapping, T, k.stride(0), v.stride(0), row, block_t, block_r)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; the interpreter on CPU has none, so a small stand-in."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def split_plan(batch: int, kv_heads: int, max_context_len: int, device: torch.device, num_splits: int | None = None) -> tuple[int, int]:
+    """(num_splits, partition): enough (sequence, KV head, split) programs to fill the device twice.
+
+    The plan depends only on host ints, so it costs no sync and stays fixed inside a CUDA graph
+    captured with max_context_len = max_model_len. partition is a multiple of BLOCK_N tokens.
+    """
+    tiles = max(1, triton.cdiv(max_context_len, BLOCK_N))
+    if num_splits is None:
+        wanted = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
+        num_splits = min(wanted, max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    tiles_per_split = triton.cdiv(tiles, num_splits)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Launch the decode attention (and the split merge when the context is split)."""
+    B, Hq, D = q.shape
+    _, page, Hkv, _ = k_cache.shape
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(f"the Triton paged attention takes {TRITON_DTYPES}, got q {q.dtype}")
+    if q.stride(2) != 1:
+        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must be contiguous in its last dim, got strides {block_tables.stride()}")
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    splits, partition = split_plan(B, Hkv, max_context_len, q.device, num_splits)
+    group = Hq // Hkv
+    consts = dict(
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)),
+        PAGE=page, BLOCK=BLOCK_N, SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    )
+    qk_scale = scale * math.log2(math.e)
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    if splits == 1:
+        _paged_attention_kernel[(B, Hkv, 1)](
+            q, k_cache, v_cache, block_tables, context_lens, out, out, out, qk_scale, partition,
+            q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0), out.stride(0), out.stride(1), 0, **consts,
+        )  # fmt: skip
+        return out
+    part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)  # unnormalised outputs
+    m = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _paged_attention_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part, m, l, qk_scale, partition,
+        q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), **consts,
+    )  # fmt: skip
+    _merge_splits_kernel[(B, Hq)](
+        part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
+        HEAD_DIM=D, D_PAD=consts["D_PAD"], S_PAD=triton.next_power_of_2(splits),
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functionals
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] at flat slots [T].
+
+    A negative slot skips its token (padding rows of a CUDA-graph batch).
+    """
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected k and v [T, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_cache(name, cache)
+        if cache.shape[2:] != k.shape[1:] or cache.dtype != k.dtype or cache.device != k.device:
+            raise ValueError(f"{name} {tuple(cache.shape)} {cache.dtype} {cache.device} does not hold k {tuple(k.shape)} {k.dtype} "
+                             f"{k.device}")
+    _check_int_vector("slot_mapping", slot_mapping, k.shape[0])
+    if _use_triton(k):
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence attends to the first context_lens[b] tokens of its pages.
+
+    q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D] with Hq a multiple of Hkv;
+    block_tables [B, max_blocks] int32 (pages in order; entries past the context are ignored);
+    context_lens [B] int32, each <= max_context_len (a host int: it sizes the split grid without a
+    sync). num_splits overrides the split-K plan. Returns [B, Hq, D] in q's dtype.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"expected q [B, Hq, D], got {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_cache(name, cache)
+        if cache.shape[3] != D or Hq % cache.shape[2] or cache.dtype != q.dtype or cache.device != q.device:
+            raise ValueError(f"{name} {tuple(cache.shape)} {cache.dtype} does not fit q {tuple(q.shape)} {q.dtype} "
+                             "(head dims must agree, Hq must be a multiple of Hkv, dtypes and devices equal)")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"block_tables must be int32 [B={B}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if block_tables.shape[1] * k_cache.shape[1] < max_context_len:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} pages of {k_cache.shape[1]} tokens: too few for "
+                         f"max_context_len={max_context_len}")
+    _check_int_vector("context_lens", context_lens, B)
+    scale = D**-0.5 if scale is None else scale
+    if _use_triton(q):
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale, num_splits)
+    return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
