@@ -1,0 +1,31 @@
+"""Small pieces shared by the Triton kernels: interpreter detection and a correctly rounded cast.
+
+Triton's CPU interpreter (TRITON_INTERPRET=1, how CI checks kernel numerics) truncates fp32 ->
+bf16 casts, where the GPU rounds to nearest even as torch does. `cast` rounds to nearest even
+in both, so bf16 results computed in the interpreter are the ones the GPU produces.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when @triton.jit kernels run in Triton's CPU interpreter (decided when they are defined)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """x.to(DTYPE), rounded to nearest even. BF16_BY_BITS (the interpreter) rounds bf16 by hand.
+
+    Round to nearest even on the fp32 bit pattern: add 0x7FFF plus the lowest kept bit, then
+    drop the low 16 bits; infinities and NaNs keep their class.
+    """
+    if BF16_BY_BITS and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
