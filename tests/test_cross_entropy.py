@@ -12,6 +12,13 @@ from kernels.cross_entropy import LOGITS_BUDGET_BYTES, chunk_tokens, fused_linea
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64: the rounding-error measure for half precision, where
+    the max-element error of two correct implementations differs by chance by ~15%."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
 CE_MODULE = sys.modules["kernels.cross_entropy"]
 
 
@@ -68,7 +75,7 @@ def test_chunking_does_not_change_the_result(chunk):
 def test_half_precision_error_no_worse_than_torch(dtype, reduction):
     """Judged against torch's own path in `dtype` (half logits, fp32 softmax, half gradients), both
     compared with float64 on the same inputs. 256 tokens in 16 chunks: summing dweight over them
-    in bf16 would miss this bound (about 1.25x torch's error here); the fp32 sum meets it."""
+    in bf16 would miss this bound (about 1.35x torch's error here); the fp32 sum meets it."""
     hidden, weight, targets = _problem(T=256, H=64, V=1003, dtype=dtype, seed=1, ignored=range(40, 50))
 
     def torch_half(h, w, t, reduction):
@@ -78,7 +85,7 @@ def test_half_precision_error_no_worse_than_torch(dtype, reduction):
     theirs = _loss_and_grads(torch_half, hidden, weight, targets, reduction=reduction)
     exact = _exact(hidden, weight, targets, reduction=reduction)
     for name, o, t, e in zip(("loss", "dhidden", "dweight"), ours, theirs, exact):
-        assert rel_err(o, e) <= 1.1 * rel_err(t, e) + 1e-6, (name, rel_err(o, e), rel_err(t, e))
+        assert norm_err(o, e) <= 1.05 * norm_err(t, e), (name, norm_err(o, e), norm_err(t, e))
     assert ours[1].dtype == dtype and ours[2].dtype == dtype
 
 

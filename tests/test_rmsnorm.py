@@ -11,6 +11,13 @@ from kernels.rmsnorm import MAX_WIDTH, rmsnorm, rmsnorm_bwd, rmsnorm_fwd
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64: the rounding-error measure for half precision, where
+    the max-element error of two correct implementations differs by chance by ~15%."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
 RMSNORM_MODULE = sys.modules["kernels.rmsnorm"]  # `kernels.rmsnorm` itself is the public function
 
 
@@ -67,7 +74,7 @@ def test_half_precision_error_no_worse_than_torch(dtype, residual):
     exact = _run(reference.rmsnorm, *(t.double() if t is not None else None for t in (x, r, w, dy, ds)))
     for (name, o, e), (_, t, _) in zip(_pairs(ours, exact), _pairs(theirs, exact)):
         assert o.dtype == dtype, name
-        assert rel_err(o, e) <= 1.1 * rel_err(t, e) + 1e-6, (name, rel_err(o, e), rel_err(t, e))
+        assert norm_err(o, e) <= 1.05 * norm_err(t, e), (name, norm_err(o, e), norm_err(t, e))
 
 
 def test_weight_dtype_promotes_like_qwen2rmsnorm():
@@ -78,7 +85,7 @@ def test_weight_dtype_promotes_like_qwen2rmsnorm():
     exact = _run(reference.rmsnorm, x.double(), None, w.double(), dy.double(), None)
     assert got[0].dtype == torch.float32 and got[4].dtype == torch.float32 and got[2].dtype == torch.bfloat16
     for (name, o, e), (_, t, _) in zip(_pairs(got, exact), _pairs(theirs, exact)):
-        assert rel_err(o, e) <= 1.1 * rel_err(t, e) + 1e-6, (name, rel_err(o, e), rel_err(t, e))
+        assert norm_err(o, e) <= 1.05 * norm_err(t, e), (name, norm_err(o, e), norm_err(t, e))
 
 
 def test_wide_rows_16k():
