@@ -106,20 +106,26 @@ def _tiles(n_cols: int) -> tuple[int, int, int]:
     return 1, min(triton.next_power_of_2(n_cols), 4096), 8
 
 
-def _addmm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (fp32/fp64) = [out +] a @ b, with the product never rounded to a/b's half dtype.
+def _matmul_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (fp32/fp64) = a @ b, or out += a @ b, with the product never rounded to a/b's half dtype.
 
-    On CUDA cuBLAS writes the fp32 accumulator straight into `out` (torch's out_dtype). CPU
-    kernels lack that overload, so there the half operands are upcast first: the same sums of
-    exact products, at the cost of a copy (CPU runs are tests, not the hot path).
+    On CUDA cuBLAS writes its fp32 accumulator straight into `out` (torch's out_dtype overloads,
+    as Liger-Kernel uses them). CPU kernels lack those overloads, so there the half operands are
+    upcast first: the same sums of exact products, at the cost of a copy (CPU runs are tests).
     """
-    beta = 1 if accumulate else 0  # beta=0 ignores out's (uninitialised) contents
-    if a.dtype == out.dtype:
-        torch.addmm(out, a, b, beta=beta, out=out)
-    elif a.is_cuda:
-        torch.addmm(out, a, b, out_dtype=out.dtype, beta=beta, out=out)
+    if a.dtype != out.dtype:
+        if not a.is_cuda:
+            a, b = a.to(out.dtype), b.to(out.dtype)
+        elif accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            return
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+            return
+    if accumulate:
+        out.addmm_(a, b)
     else:
-        torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, out=out)
+        torch.mm(a, b, out=out)
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, z_loss: float) -> None:
@@ -178,9 +184,7 @@ def linear_cross_entropy_fwd(
     grad = need_dhidden or need_dweight
     losses = torch.empty(n_tokens, dtype=acc, device=hidden.device)
     dhidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_dhidden else None
-    dweight = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_dweight and not n_tokens else None
-    if need_dweight and n_tokens:
-        dweight = torch.empty(weight.shape, dtype=acc, device=hidden.device)  # the first chunk overwrites it (beta=0)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_dweight else None
     logits = torch.empty(min(chunk, n_tokens), vocab, dtype=hidden.dtype, device=hidden.device)  # [C, V], reused
     block_t, block_v, warps = _tiles(vocab)
     for start in range(0, n_tokens, chunk):
@@ -195,9 +199,9 @@ def linear_cross_entropy_fwd(
             INTERP=interpreting(), num_warps=warps,
         )
         if need_dhidden:
-            _addmm_acc(dhidden[start:end], lg, weight, accumulate=False)  # [n, V] @ [V, H]
+            _matmul_acc(dhidden[start:end], lg, weight, accumulate=False)  # [n, V] @ [V, H]: this chunk's rows
         if need_dweight:
-            _addmm_acc(dweight, lg.T, h, accumulate=start > 0)  # [V, n] @ [n, H], summed over chunks
+            _matmul_acc(dweight, lg.T, h, accumulate=True)  # [V, n] @ [n, H], summed over chunks in fp32
     return losses, dhidden, dweight
 
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts run: --help, and a tiny sweep on CPU (Triton's interpreter) writing JSON."""
+"""The benchmark scripts run: --help, and a tiny sweep writing JSON (on CPU: Triton's interpreter; on a GPU: CUDA)."""
 
 import json
 import os
@@ -34,7 +34,7 @@ def test_scripts_run_as_modules():
 def test_smoke_sweep_writes_one_record_per_case_mode_provider(name, tmp_path, capsys):
     module = BENCHES[name]
     out = tmp_path / "result.json"
-    args = ["--sweep", "smoke", "--providers", "ours,eager", "--device", "cpu", "--warmup-ms", "1", "--rep-ms", "1", "--out", str(out)]
+    args = ["--sweep", "smoke", "--providers", "ours,eager", "--warmup-ms", "1", "--rep-ms", "1", "--out", str(out)]
     assert module.main(args) == 0
     result = json.loads(out.read_text())
     records = result["records"]
@@ -49,4 +49,4 @@ def test_smoke_sweep_writes_one_record_per_case_mode_provider(name, tmp_path, ca
 
 def test_unknown_provider_is_refused():
     with pytest.raises(SystemExit, match=r"unknown providers \['mine'\]"):
-        bench_rmsnorm.main(["--sweep", "smoke", "--providers", "ours,mine", "--device", "cpu"])
+        bench_rmsnorm.main(["--sweep", "smoke", "--providers", "ours,mine"])
