@@ -113,15 +113,14 @@ def _matmul_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate:
     as Liger-Kernel uses them). CPU kernels lack those overloads, so there the half operands are
     upcast first: the same sums of exact products, at the cost of a copy (CPU runs are tests).
     """
-    if a.dtype != out.dtype:
-        if not a.is_cuda:
-            a, b = a.to(out.dtype), b.to(out.dtype)
-        elif accumulate:
+    if a.dtype != out.dtype and a.is_cuda:
+        if accumulate:
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-            return
         else:
             torch.mm(a, b, out_dtype=out.dtype, out=out)
-            return
+        return
+    if a.dtype != out.dtype:
+        a, b = a.to(out.dtype), b.to(out.dtype)
     if accumulate:
         out.addmm_(a, b)
     else:
