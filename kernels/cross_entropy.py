@@ -1,0 +1,265 @@
+"""Fused linear cross-entropy: loss(hidden @ weight.T, targets) without the [T, V] logits.
+
+At 16k tokens and Qwen2.5's 152,064-token vocabulary the logits alone are 4.6 GiB in bf16. Here
+the tokens go in chunks of C rows (C chosen from a memory budget): one matmul makes the chunk's
+logits [C, V]; a Triton kernel turns them, in place, into the logits' gradient
+softmax * (1 + 2 z lse) - onehot(target) while it writes each token's loss; two more matmuls
+take that gradient to dhidden (the chunk's rows, written once) and dweight (summed over chunks).
+Both gradients are kept in fp32 (cuBLAS writes the bf16 products in fp32 directly), so dweight
+does not drift as chunks are added in bf16; the backward pass only scales them by the incoming
+gradient and casts once. Nothing syncs with the host: the "mean" divisor stays on the device,
+and an all-ignored chunk simply contributes zero loss and zero gradient.
+
+Memory beyond the inputs: the chunk's logits (C x V in hidden's dtype) and the fp32 gradients
+(T x H and V x H, 4 bytes each), plus the returned gradients when backward casts them.
+
+Layout (STYLE.md): @triton.jit kernel -> host `linear_cross_entropy_fwd` -> `LinearCrossEntropyFunction`
+-> the public `fused_linear_cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels.triton_common import cast, interpreting
+
+LOGITS_BUDGET_BYTES = 1 << 30  # the chunk's logits buffer; C is the largest multiple of 256 tokens under it
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTERPRETER_TILE = 1 << 14  # elements per program under TRITON_INTERPRET
+
+
+@triton.jit
+def _ce_loss_grad_kernel(
+    LOGITS, TARGETS, LOSS,
+    n_rows, n_cols, stride_row, ignore_index, z_loss,
+    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr,
+):
+    """BLOCK_T rows per program, swept in BLOCK_V columns, twice.
+
+    Pass 1: online max / sum-exp -> lse, and the target's logit -> loss. Pass 2 (WRITE_GRAD):
+    overwrite the logits with d loss / d logits. The true class's "-1" is applied in ACC
+    before the single rounding to the logits' dtype. Ignored rows load nothing (masked) and get
+    zero loss and zero gradient; a target outside [0, V) gives NaN loss and NaN gradient.
+    """
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    in_range = rows < n_rows
+    target = tl.load(TARGETS + rows, mask=in_range, other=ignore_index).to(tl.int64)  # [BT]
+    active = in_range & (target != ignore_index)
+    bad = active & ((target < 0) | (target >= n_cols))
+    row_ptr = LOGITS + rows.to(tl.int64) * stride_row  # [BT]
+    cols = tl.arange(0, BLOCK_V)  # [BV]
+
+    m = tl.full([BLOCK_T], float("-inf"), ACC)
+    d = tl.zeros([BLOCK_T], ACC)
+    for start in range(0, n_cols, BLOCK_V):
+        c = start + cols
+        x = tl.load(row_ptr[:, None] + c[None, :], mask=active[:, None] & (c < n_cols)[None, :], other=float("-inf"))
+        x = x.to(ACC)  # [BT, BV]
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing loaded yet
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(active, m + tl.log(tl.where(active, d, 1.0)), 0.0)  # [BT]; 0 on inactive rows
+    x_t = tl.load(row_ptr + target, mask=active & ~bad, other=0.0).to(ACC)
+    loss = tl.where(bad, float("nan"), lse - x_t + z_loss * lse * lse)
+    tl.store(LOSS + rows, tl.where(active, loss, 0.0), mask=in_range)
+
+    if WRITE_GRAD:
+        coef = tl.where(bad, float("nan"), 1.0 + 2.0 * z_loss * lse)  # d(z lse^2)/d lse = 2 z lse
+        for start in range(0, n_cols, BLOCK_V):
+            c = start + cols
+            mask = in_range[:, None] & (c < n_cols)[None, :]
+            x = tl.load(row_ptr[:, None] + c[None, :], mask=active[:, None] & mask, other=0.0).to(ACC)
+            g = tl.exp(x - lse[:, None]) * coef[:, None] - tl.where(c[None, :] == target[:, None], 1.0, 0.0)
+            g = tl.where(active[:, None], g, 0.0)
+            tl.store(row_ptr[:, None] + c[None, :], cast(g, LOGITS.dtype.element_ty, INTERP), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: contract checks, chunking, the matmuls, launch.
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_tokens(n_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
+    """Tokens per chunk: the largest multiple of 256 whose [C, V] logits fit the budget (at least 256).
+
+    256-row multiples keep the three matmuls on full tensor-core tiles; at V = 152,064 in bf16
+    the default 1 GiB gives C = 3,328, enough rows that the fp32 dweight update (K = C) stays
+    compute-bound.
+    """
+    budget = LOGITS_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    per_token = vocab * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(n_tokens, max(256, budget // per_token // 256 * 256)))
+
+
+def _tiles(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_T rows per program, BLOCK_V columns per step, num_warps)."""
+    if interpreting():
+        block_v = min(triton.next_power_of_2(n_cols), _INTERPRETER_TILE)
+        return max(1, _INTERPRETER_TILE // block_v), block_v, 1
+    return 1, min(triton.next_power_of_2(n_cols), 4096), 8
+
+
+def _matmul_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (fp32/fp64) = a @ b, or out += a @ b, with the product never rounded to a/b's half dtype.
+
+    On CUDA cuBLAS writes its fp32 accumulator straight into `out` (torch's out_dtype overloads,
+    as Liger-Kernel uses them). CPU kernels lack those overloads, so there the half operands are
+    upcast first: the same sums of exact products, at the cost of a copy (CPU runs are tests).
+    """
+    if a.dtype != out.dtype and a.is_cuda:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+        return
+    if a.dtype != out.dtype:
+        a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, z_loss: float) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"fused_linear_cross_entropy: expected hidden [T, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"fused_linear_cross_entropy: expected targets [T={hidden.shape[0]}] int32/int64; got {tuple(targets.shape)} {targets.dtype}"
+        )
+    if hidden.dtype != weight.dtype or hidden.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fused_linear_cross_entropy: hidden and weight must share one of {SUPPORTED_DTYPES}; got {hidden.dtype}, {weight.dtype}"
+        )
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"fused_linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"fused_linear_cross_entropy: z_loss must be >= 0, got {z_loss}")
+    if weight.device != hidden.device or targets.device != hidden.device:
+        raise ValueError(f"fused_linear_cross_entropy: hidden {hidden.device}, weight {weight.device}, targets {targets.device} differ")
+    if hidden.device.type != "cuda" and not (hidden.device.type == "cpu" and interpreting()):
+        raise RuntimeError(
+            f"fused_linear_cross_entropy (Triton): tensors are on {hidden.device}; Triton runs CUDA tensors, or CPU "
+            "tensors only under TRITON_INTERPRET=1 set before `kernels` is imported (or choose KERNELS_BACKEND=torch)"
+        )
+    if targets.device.type == "cpu":  # free on CPU; on CUDA the kernel gives such tokens a NaN loss instead of syncing
+        vocab = weight.shape[0]
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bad.any():
+            raise ValueError(f"fused_linear_cross_entropy: targets outside [0, {vocab}) at positions {bad.nonzero()[:8, 0].tolist()}")
+
+
+def linear_cross_entropy_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    need_dhidden: bool = True,
+    need_dweight: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """hidden [T, H], weight [V, H], targets [T] -> (loss per token [T], dhidden [T, H], dweight [V, H]).
+
+    Losses and gradients are fp32 (fp64 for fp64 inputs) and unscaled: the gradient of the
+    summed loss. A gradient not asked for is None and its matmul is skipped.
+    """
+    n_tokens, _ = hidden.shape
+    vocab = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    chunk = chunk_size or chunk_tokens(n_tokens, vocab, hidden.dtype)
+    if chunk < 1:
+        raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk}")
+    targets = targets.contiguous()
+    grad = need_dhidden or need_dweight
+    losses = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+    dhidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_dhidden else None
+    dweight = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_dweight else None
+    logits = torch.empty(min(chunk, n_tokens), vocab, dtype=hidden.dtype, device=hidden.device)  # [C, V], reused
+    block_t, block_v, warps = _tiles(vocab)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        h = hidden[start:end]  # [n, H]
+        lg = logits[: end - start]  # [n, V]
+        torch.mm(h, weight.T, out=lg)
+        _ce_loss_grad_kernel[(triton.cdiv(end - start, block_t),)](
+            lg, targets[start:end], losses[start:end],
+            end - start, vocab, lg.stride(0), ignore_index, float(z_loss),
+            WRITE_GRAD=grad, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_T=block_t, BLOCK_V=block_v,
+            INTERP=interpreting(), num_warps=warps,
+        )
+        if need_dhidden:
+            _matmul_acc(dhidden[start:end], lg, weight, accumulate=False)  # [n, V] @ [V, H]: this chunk's rows
+        if need_dweight:
+            _matmul_acc(dweight, lg.T, h, accumulate=True)  # [V, n] @ [n, H], summed over chunks in fp32
+    return losses, dhidden, dweight
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_size):
+        losses, dhidden, dweight = linear_cross_entropy_fwd(
+            hidden, weight, targets, ignore_index, z_loss,
+            need_dhidden=ctx.needs_input_grad[0], need_dweight=ctx.needs_input_grad[1], chunk_size=chunk_size,
+        )
+        total = losses.sum()
+        scale = None
+        if reduction == "mean":
+            scale = 1.0 / (targets != ignore_index).sum().clamp(min=1).to(losses.dtype)  # on device: no sync
+            total = total * scale
+        ctx.grads = (dhidden, dweight, scale)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward ran twice through one forward; its gradients are computed in the "
+                "forward and handed over once (run the forward again instead of retain_graph=True)"
+            )
+        dhidden, dweight, scale = ctx.grads
+        ctx.grads = None  # free the fp32 buffers as soon as the cast copies exist
+        g = grad_total.to(dhidden.dtype if dhidden is not None else dweight.dtype)
+        if scale is not None:
+            g = g * scale
+        grad_hidden = dhidden.mul_(g).to(ctx.dtypes[0]) if dhidden is not None else None
+        del dhidden
+        grad_weight = dweight.mul_(g).to(ctx.dtypes[1]) if dweight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    z_loss: float = 0.0,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, never materialising [T, V].
+
+    Per token: lse - logit[target] (+ z_loss * lse^2); ignored tokens contribute 0; "mean"
+    divides by max(#supervised, 1). Returns a 0-dim fp32 tensor (fp64 for fp64 inputs).
+    `chunk_size` overrides the tokens per chunk (default: chunk_tokens, from a 1 GiB budget).
+    """
+    _check(hidden, weight, targets, ignore_index, reduction, z_loss)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        losses, _, _ = linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, z_loss, False, False, chunk_size)
+        total = losses.sum()
+        if reduction == "mean":
+            total = total / (targets != ignore_index).sum().clamp(min=1).to(total.dtype)
+        return total
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, float(z_loss), chunk_size)

@@ -1,0 +1,52 @@
+"""The benchmark scripts run: --help, and a tiny sweep writing JSON (on CPU: Triton's interpreter; on a GPU: CUDA)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import bench_cross_entropy, bench_rmsnorm
+from tests.conftest import ROOT
+
+BENCHES = {"bench_rmsnorm": bench_rmsnorm, "bench_cross_entropy": bench_cross_entropy}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_help_names_the_sweeps_and_providers(name, capsys):
+    module = BENCHES[name]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(sweep in out for sweep in module.SWEEPS) and all(p in out for p in module.PROVIDERS)
+
+
+def test_scripts_run_as_modules():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in sorted(BENCHES):
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and "--sweep" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_smoke_sweep_writes_one_record_per_case_mode_provider(name, tmp_path, capsys):
+    module = BENCHES[name]
+    out = tmp_path / "result.json"
+    args = ["--sweep", "smoke", "--providers", "ours,eager", "--warmup-ms", "1", "--rep-ms", "1", "--out", str(out)]
+    assert module.main(args) == 0
+    result = json.loads(out.read_text())
+    records = result["records"]
+    assert result["schema"] == 1 and result["sweep"] == "smoke" and result["environment"]["torch"]
+    assert result["ceilings"]["copy_gbps"] > 0 and result["ceilings"]["matmul_tflops"] > 0
+    assert len(records) == len(module.SWEEPS["smoke"]) * len(module.MODES) * 2
+    assert len({r["key"] for r in records}) == len(records)
+    for r in records:
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["fraction_of_ceiling"] > 0, r
+    assert "ours" in capsys.readouterr().out  # the table was printed
+
+
+def test_unknown_provider_is_refused():
+    with pytest.raises(SystemExit, match=r"unknown providers \['mine'\]"):
+        bench_rmsnorm.main(["--sweep", "smoke", "--providers", "ours,mine"])

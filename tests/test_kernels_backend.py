@@ -1,0 +1,111 @@
+"""Backend selection in kernels/__init__.py: explicit, decided once, logged, never a silent fallback."""
+
+import logging
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.triton_common import interpreting
+
+
+@pytest.fixture(autouse=True)
+def restore_backend(monkeypatch):
+    """Each test starts from the process's setting and leaves it as it found it."""
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+    setting, resolved = dict(kernels._setting), dict(kernels._resolved)
+    yield
+    kernels._setting.clear(), kernels._setting.update(setting)
+    kernels._resolved.clear(), kernels._resolved.update(resolved)
+
+
+def _norm_inputs():
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(37, 48, generator=g), torch.randn(37, 48, generator=g)
+    return x.requires_grad_(), r, torch.rand(48, generator=g) + 0.5
+
+
+def test_auto_picks_triton_where_it_runs():
+    kernels.set_backend("auto")
+    assert kernels.backend("cpu") == ("triton" if interpreting() else "torch")
+    if torch.cuda.is_available():
+        assert kernels.backend("cuda") == "triton"
+
+
+def test_auto_without_the_interpreter_uses_torch_on_cpu_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        kernels.set_backend("auto")
+        assert kernels.backend("cpu") == "torch"
+        kernels.backend("cpu")
+    lines = [r.getMessage() for r in caplog.records if "kernels on cpu" in r.getMessage()]
+    assert lines == ["kernels on cpu: torch (set_backend=auto; Triton unavailable: CPU tensors need Triton's interpreter: "
+                     "set TRITON_INTERPRET=1 before `kernels` is imported)"]
+
+
+def test_torch_backend_runs_the_references():
+    kernels.set_backend("torch")
+    x, r, w = _norm_inputs()
+    y, s = kernels.rmsnorm(x, w, 1e-6, residual=r)
+    want_y, want_s = reference.rmsnorm(x, w, 1e-6, residual=r)
+    assert torch.equal(y, want_y) and torch.equal(s, want_s)
+    assert "RMSNormFunction" not in type(y.grad_fn).__name__
+    targets = torch.randint(0, 48, (37,), generator=torch.Generator().manual_seed(1))
+    loss = kernels.fused_linear_cross_entropy(x, torch.eye(48), targets)
+    assert torch.equal(loss, reference.fused_linear_cross_entropy(x, torch.eye(48), targets))
+    assert "LinearCrossEntropyFunction" not in type(loss.grad_fn).__name__
+
+
+def test_triton_backend_runs_our_autograd_functions():
+    """CUDA, or the interpreter that tests/conftest.py turns on without CUDA."""
+    kernels.set_backend("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, r, w = (t.detach().to(device) for t in _norm_inputs())
+    y, _ = kernels.rmsnorm(x.requires_grad_(), w, 1e-6, residual=r)
+    assert type(y.grad_fn).__name__ == "RMSNormFunctionBackward"
+    targets = torch.randint(0, 48, (37,), device=device)
+    loss = kernels.fused_linear_cross_entropy(x, torch.eye(48, device=device), targets)
+    assert type(loss.grad_fn).__name__ == "LinearCrossEntropyFunctionBackward"
+
+
+def test_environment_overrides_the_config(monkeypatch, caplog):
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        assert kernels.set_backend("triton") == "torch"
+    assert any("(KERNELS_BACKEND=torch)" in r.getMessage() for r in caplog.records)
+
+
+def test_first_use_without_set_backend_honours_the_environment(monkeypatch):
+    kernels._setting.clear(), kernels._resolved.clear()
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    assert kernels.backend("cpu") == "torch"
+
+
+def test_a_named_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match=r"'triton' \(from set_backend\) cannot run on cpu: CPU tensors need Triton's interpreter"):
+        kernels.set_backend("triton")
+        kernels.backend("cpu")  # reached on a CUDA machine, where set_backend checked CUDA
+
+
+def test_a_device_without_a_triton_path_raises_when_triton_is_named(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    kernels.set_backend("auto")
+    with pytest.raises(RuntimeError, match=r"'triton' \(from KERNELS_BACKEND\) cannot run on mps: no Triton path for mps tensors"):
+        kernels.backend("mps")
+
+
+def test_unknown_names_list_the_allowed_ones(monkeypatch):
+    with pytest.raises(ValueError, match=r"set_backend='cuda' is not a kernel backend; allowed: auto, triton, torch"):
+        kernels.set_backend("cuda")
+    monkeypatch.setenv("KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"KERNELS_BACKEND='fast' is not a kernel backend"):
+        kernels.set_backend("auto")
+
+
+def test_public_rmsnorm_is_the_function_not_the_module():
+    """kernels/rmsnorm.py shares the op's name; the package attribute must stay the function."""
+    import kernels.rmsnorm  # noqa: F401  (re-importing must not rebind the attribute)
+
+    assert callable(kernels.rmsnorm) and kernels.rmsnorm.__module__ == "kernels"
