@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+import kernels
 from kernels import reference
 
 BLOCK_N = 64  # tokens per tile of the attention loop (any page size; each token finds its page)
@@ -34,11 +35,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    """Triton for CUDA tensors and under TRITON_INTERPRET=1 (CPU tests); the torch reference otherwise.
-
-    The one place the backend is chosen: swap for kernels.backend() once that lands.
-    """
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """The kernels package's backend for this tensor's device (Triton on CUDA or in the interpreter)."""
+    return kernels.backend(t.device.type) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------
