@@ -11,14 +11,18 @@ import logging
 from fractions import Fraction
 
 from math_verify import parse, verify
+from latex2sympy2_extended.math_normalization import NormalizationConfig
 from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
 from sympy import Basic, simplify
 from sympy.core.relational import Equality
 
 from eval.equivalence import REL_TOL
 
-# Parse the whole string as one expression: no \boxed search, no "first number in the text".
-_CONFIG = [LatexExtractionConfig(try_extract_without_anchor=True, boxed_match_priority=-1),
+# Parse the whole string as one expression: no \boxed search, no "first number in the text", and
+# no unit stripping (eval/normalize.py owns units: math-verify's list would turn `-3 m` into -3).
+_NORMALIZATION = NormalizationConfig(basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="none",
+                                     equations=False)
+_CONFIG = [LatexExtractionConfig(try_extract_without_anchor=True, boxed_match_priority=-1, normalization_config=_NORMALIZATION),
            ExprExtractionConfig(try_extract_without_anchor=True)]
 
 # math-verify warns on every call that its timeouts are off; that is deliberate here.
