@@ -145,7 +145,8 @@ def parse_tree(text: str) -> Tree:
 
 def numbers_match(pred: Number, gold: Number) -> bool:
     """Exact for integer golds (102019 is not 102018); relative 1e-4 otherwise. A side written
-    with a % sign may also stand for its value / 100 (50% and 0.5), never the other way round."""
+    with a % sign may also stand for its value / 100 (50% and 0.5); without one, no rescaling
+    (1 is not 100, whatever the Qwen2.5-Math harness says)."""
     preds = [pred.value] + ([pred.value / 100] if pred.percent else [])
     golds = [gold.value] + ([gold.value / 100] if gold.percent else [])
     for p in preds:
@@ -175,7 +176,7 @@ def leaf_equal(pred: str, gold: str) -> bool:
         return False
     if g is not None and _TRANSCENDENTAL_RE.search(pred):
         return False  # a number was asked for; an unevaluated cos(2pi/5)... is not an answer yet
-    from eval.symbolic import symbolic_equal
+    from eval.symbolic import symbolic_equal  # here, not at the top: the grading process never loads sympy
 
     return symbolic_equal(normalize(pred), normalize(gold))
 

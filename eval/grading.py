@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from math import prod
+import threading
+from math import expm1, fsum, log1p
 from typing import Sequence
 
 from eval.equivalence import equivalent, numbers_match
@@ -27,6 +28,7 @@ _BARE_BOX_RE = re.compile(r"\s+([^\s$]+)")
 _CHOICE_RE = re.compile(r"^\(?([A-J])\)?(?:$|[.:)\s])")
 
 _pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
 
 
 def _brace_partners(text: str) -> dict[int, int]:
@@ -81,9 +83,10 @@ def _gold_text(gold: str | int | float) -> str:
 
 def _worker_pool() -> WorkerPool:
     global _pool
-    if _pool is None:
-        _pool = WorkerPool(preload=("eval.symbolic",))
-    return _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = WorkerPool(preload=("eval.symbolic",))
+        return _pool
 
 
 def is_equivalent(pred: str | None, gold: str | int | float, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -118,10 +121,11 @@ def is_correct(output: str, golds: Sequence[str | int | float], *, timeout_s: fl
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are right: 1 - C(n-c, k) / C(n, k), as the
-    product prod_{i=n-c+1..n} (1 - k/i), which never forms the huge binomials."""
+    """Unbiased pass@k from n samples of which c are right: 1 - C(n-c, k) / C(n, k). The ratio is
+    prod_{i=n-c+1..n} (1 - k/i), summed in log space (log1p) and subtracted from 1 with expm1, so
+    neither huge binomials nor the cancellation in 1 - (a number near 1) cost precision."""
     if not (0 <= c <= n and 1 <= k <= n):
         raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
-    return 1.0 - prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+    return -expm1(fsum(log1p(-k / i) for i in range(n - c + 1, n + 1)))

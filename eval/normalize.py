@@ -72,27 +72,31 @@ _ANSWER_IS_RE = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", 
 
 def _unwrap(s: str) -> str:
     r"""`\text{abc}` -> `abc` for every wrapper command, braces matched (nesting allowed); a wrapped
-    unit (`\text{ cm}^2`, `\mathrm{~m}`) is dropped with its power."""
-    out = []
+    unit after a number (`5\text{ cm}^2`, `6.5 \mathrm{~m}`) is dropped with its power."""
+    out: list[str] = []
+    last = ""  # the last non-space character written so far
     i = 0
     while True:
         m = _WRAPPER_RE.search(s, i)
         if m is None:
             out.append(s[i:])
             return "".join(out)
-        out.append(s[i:m.start()])
+        before = s[i:m.start()]
+        out.append(before)
+        last = before.rstrip()[-1:] or last
         depth, j = 1, m.end()
         while j < len(s) and depth:
             depth += {"{": 1, "}": -1}.get(s[j], 0)
             j += 1
         inner = s[m.end():j - 1] if depth == 0 else s[m.end():]
-        after_number = re.search(r"[\d})]\s*$", "".join(out)) is not None
-        if after_number and _UNIT_RE.fullmatch(inner.replace("~", " ").replace("\\,", " ").strip()):
+        if last and last in "0123456789})" and _UNIT_RE.fullmatch(inner.replace("~", " ").replace("\\,", " ").strip()):
             power = _POWER_RE.match(s, j)
             j = power.end() if power else j
             out.append(" ")
         else:
-            out.append(" " + _unwrap(inner) + " ")
+            text = _unwrap(inner)
+            out.append(" " + text + " ")
+            last = text.rstrip()[-1:] or last
         i = j
 
 
@@ -109,7 +113,7 @@ def normalize(s: str) -> str:
     r"""Clean an answer for comparison: delimiters, unicode, wrappers, spacing, degrees, units, `x =`."""
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group()], str(s))
     s = strip_math_delimiters(s.replace("\n", " "))
-    s = s.replace("$", " ")
+    s = s.replace("\\$", " ").replace("$", " ")
     s = _ANSWER_IS_RE.sub("", s)
     s = _unwrap(s)
     s = _THOUSANDS_SEP_RE.sub(r"\1", s)
@@ -121,7 +125,7 @@ def normalize(s: str) -> str:
     s = _SQRT_SHORT_RE.sub(r"\\sqrt{\1}", s)
     s = _RELATION_RE.sub(lambda m: _RELATIONS[m.group(1)], s)
     s = _INFINITY_RE.sub(r"\\infty", s)
-    s = s.replace("\\%", "%").replace("\\$", " ").replace("\\#", " ")
+    s = s.replace("\\%", "%").replace("\\#", " ")
     s = re.sub(r"\s+", " ", s).strip()
     s = s.rstrip(".").strip()
     previous = None

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from fractions import Fraction
 
-from math_verify import parse, verify
 from latex2sympy2_extended.math_normalization import NormalizationConfig
+from math_verify import parse, verify
 from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
 from sympy import Basic, simplify
 from sympy.core.relational import Equality

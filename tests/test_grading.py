@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -11,6 +13,7 @@ import pytest
 
 from eval.grading import choice_letter, extract_answer, is_correct, is_equivalent, pass_at_k
 from eval.normalize import parse_number
+from tests.conftest import ROOT
 
 # ------------------------------------------------------------------------------------------
 # extract_answer
@@ -159,6 +162,13 @@ def test_bad_gold_names_its_type(gold):
         is_equivalent("5", gold)
 
 
+def test_the_grading_process_never_imports_sympy():
+    """sympy and math-verify live in the workers; torch only comes with a generator that needs it."""
+    code = "import sys, eval.grading, eval.run; print(sorted(m for m in ('sympy', 'math_verify', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
 def test_choice_letter():
     assert [choice_letter(t) for t in ["C", "(C)", r"\text{C}", "C. 5", "C: five", "c", "Cat", "5"]] == \
         ["C", "C", "C", "C", "C", None, None, None]
@@ -244,6 +254,7 @@ def test_pass_at_k_edges_and_large_n():
     assert pass_at_k(16, 16, 16) == 1.0
     assert pass_at_k(16, 5, 1) == pytest.approx(5 / 16, rel=1e-15)
     assert pass_at_k(16, 10, 8) == 1.0  # fewer than k wrong samples: every k-subset has a right one
+    assert pass_at_k(10**6, 1, 1) == pytest.approx(1e-6, rel=1e-13)  # no cancellation in 1 - (1 - 1e-6)
     got = pass_at_k(10_000, 37, 1000)  # comb(10000, 1000) has 1400+ digits: never formed
     assert abs(Fraction(got) - _pass_at_k_exact(10_000, 37, 1000)) < Fraction(1, 10**12)
 
