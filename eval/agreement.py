@@ -35,7 +35,7 @@ class GradedOutput:
     file: str
     idx: int
     output: str
-    gold: str
+    gold: str | float
     harness: bool
 
 
@@ -60,8 +60,7 @@ def _harness_records(path: Path, rel: str, olympiad: dict[str, str]) -> list[Gra
                 gold = olympiad[r["question"].strip()]
             else:
                 raise KeyError(f"{path}:{lineno}: no `answer` and the question is not in olympiadbench/test.jsonl")
-            out.append(GradedOutput(rel, int(r["idx"]), r["code"][0], str(gold) if not isinstance(gold, float) else gold,
-                                    bool(r["score"][0])))
+            out.append(GradedOutput(rel, int(r["idx"]), r["code"][0], gold, bool(r["score"][0])))
     return out
 
 
@@ -84,20 +83,6 @@ def load_graded_outputs(shared: Path) -> list[GradedOutput]:
     for path in sorted((shared / TOOLS_DIR).glob("*.json")):
         records += _tools_records(path, str(path.relative_to(base)))
     return records
-
-
-def find_output(shared: Path, file: str, idx: int) -> GradedOutput:
-    """The one output a (file, idx) reference names; a clear error when it does not exist."""
-    base = shared / "data/graded_outputs"
-    path = base / file
-    if path.suffix == ".jsonl":
-        records = _harness_records(path, file, _olympiad_golds(shared))
-    else:
-        records = _tools_records(path, file)
-    hits = [r for r in records if r.idx == idx]
-    if len(hits) != 1:
-        raise KeyError(f"{path}: expected exactly one record with idx {idx}, found {len(hits)}")
-    return hits[0]
 
 
 def grade(record: GradedOutput) -> tuple[str | None, bool]:
@@ -153,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{'OPEN' if case is None else 'adjudicated'}] {record.file} idx={record.idx} gold={record.gold!r} "
                   f"pred={pred!r} ours={ours} harness={record.harness}" + (f" -- {case['reason']}" if case else ""))
 
-    print(f"\n{'file':<72} {'n':>5} {'agree':>7} {'ours':>6} {'harness':>8}")
+    print(f"\n{'file':<86} {'n':>5} {'agree':>7} {'ours':>6} {'harness':>8}")
     total = [0, 0]
     for file, (n, agree, ours_right, harness_right) in per_file.items():
         total[0] += n
         total[1] += agree
-        print(f"{file:<72} {n:>5} {agree / n:>7.2%} {ours_right:>6} {harness_right:>8}")
-    print(f"{'overall':<72} {total[0]:>5} {total[1] / total[0]:>7.2%}")
+        print(f"{file:<86} {n:>5} {agree / n:>7.2%} {ours_right:>6} {harness_right:>8}")
+    print(f"{'overall':<86} {total[0]:>5} {total[1] / total[0]:>7.2%}")
     wrong = ", ".join(f"{k} {v}" for k, v in sorted(harness_wrong.items())) or "0"
     print(f"\ndisagreements: {total[0] - total[1]}; adjudicated: harness wrong {sum(harness_wrong.values())} ({wrong}), "
           f"ours wrong {ours_wrong}; not adjudicated: {len(open_cases)}")

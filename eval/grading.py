@@ -129,3 +129,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return -expm1(fsum(log1p(-k / i) for i in range(n - c + 1, n + 1)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["--agreement"]:
+        sys.exit("usage: python -m eval.grading --agreement [--show ...]  (the same as python -m eval.agreement)")
+    from eval.agreement import main
+
+    sys.exit(main(sys.argv[2:]))

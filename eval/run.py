@@ -150,27 +150,27 @@ def build_generator(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--benchmarks", default="aime24,math500",
-                   help=f"comma-separated names from {{{','.join(SUITE)}}}; name=PATH or name=hf:owner/ds/file for another source")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder in LIMO's layout: <data>/<dir>/test.jsonl")
+                   help=f"comma-separated names from {{{','.join(SUITE)}}}; name=PATH or name=hf:owner/ds/file for another "
+                        "source (default aime24,math500)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder in LIMO's layout: <data>/<dir>/test.jsonl (default ../shared/data/eval)")
     p.add_argument("--out", help="results folder (default runs/eval/<model folder name>)")
     p.add_argument("--samples", type=int, help="samples per problem for every benchmark (default: LIMO's protocol)")
     p.add_argument("--temperature", type=float, help="for every benchmark (default: LIMO's protocol)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="new tokens per sample")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system-prompt", default=LIMO_SYSTEM_PROMPT)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for sampled benchmarks (default 1.0: off)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="new tokens per sample (default 32768)")
+    p.add_argument("--seed", type=int, default=0, help="base of every sample's seed (default 0)")
+    p.add_argument("--system-prompt", default=LIMO_SYSTEM_PROMPT, help="(default LIMO's)")
     p.add_argument("--limit", type=int, help="only the first N problems of each benchmark (smoke runs)")
     p.add_argument("--engine", choices=("sampler", "transformers"), default="sampler",
-                   help="our paged-KV sampler, or transformers' generate (slow reference, small models)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sampler: sequences decoded together")
+                   help="our paged-KV sampler (default), or transformers' generate (slow reference, small models)")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16)")
+    p.add_argument("--device", default="cuda", help="(default cuda)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sampler: sequences decoded together (default 256)")
     p.add_argument("--max-model-len", type=int, help="sampler: prompt + output tokens (default max-tokens + 4096)")
-    p.add_argument("--batch-size", type=int, default=512, help="samples per generate call (and per results flush)")
+    p.add_argument("--batch-size", type=int, default=512, help="samples per generate call and per results flush (default 512)")
     p.add_argument("--regrade", action="store_true", help="re-grade outputs already on disk with the current grader")
     args = p.parse_args(argv)
 

@@ -215,6 +215,21 @@ def test_pathological_input_is_false_within_the_limit_off_the_main_thread(pred, 
     assert is_equivalent(r"\frac{\sqrt{8}}{2}", r"\sqrt{2}")  # the pool recovered: a fresh worker answers
 
 
+def test_worker_failures_raise_instead_of_grading_false():
+    from eval.benchmarks import load_benchmark
+    from eval.equivalence import equivalent
+    from eval.timelimit import WorkerError, WorkerPool
+
+    broken = WorkerPool(preload=("eval.no_such_module",))
+    with pytest.raises(RuntimeError, match="did not start"):
+        broken.call(equivalent, ("1", "1"), 5.0)
+    pool = WorkerPool()
+    with pytest.raises(WorkerError, match="unknown benchmark 'nope'"):
+        pool.call(load_benchmark, ("nope",), 5.0)
+    assert pool.call(equivalent, ("x^2", "x*x"), 30.0) is True
+    pool.close()
+
+
 def test_many_threads_grade_at_once():
     pairs = EQUIVALENT[:16] + NOT_EQUIVALENT[:16]
     want = [True] * 16 + [False] * 16
