@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
