@@ -1,0 +1,141 @@
+r"""Grading: the model's answer out of its text, its verdict against the gold, and pass@k.
+
+LIMO's protocol: the last `\boxed{}` in the output is the answer; it is right when it equals the
+gold as a string, as a number (exact for integers, relative 1e-4 for rounded values) or
+symbolically. Cheap checks run here; the structural and symbolic comparison runs in a worker
+process under a time limit (eval/timelimit.py), so a pathological answer costs at most the
+limit and returns False, from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from math import expm1, fsum, log1p
+from typing import Sequence
+
+from eval.equivalence import equivalent, numbers_match
+from eval.normalize import key, normalize, parse_number
+from eval.timelimit import TimeLimitExceeded, WorkerCrashed, WorkerPool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 5.0
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_BARE_BOX_RE = re.compile(r"\s+([^\s$]+)")
+_CHOICE_RE = re.compile(r"^\(?([A-J])\)?(?:$|[.:)\s])")
+
+_pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
+
+
+def _brace_partners(text: str) -> dict[int, int]:
+    r"""Opening-brace index -> its closing index, in one pass (escaped `\{`, `\}` skipped)."""
+    partners, stack = {}, []
+    for i, c in enumerate(text):
+        if c in "{}" and i > 0 and text[i - 1] == "\\":
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            partners[stack.pop()] = i
+    return partners
+
+
+def extract_answer(text: str) -> str | None:
+    r"""The content of the last complete `\boxed{...}` (braces matched; `\fbox` too; `\boxed 5`
+    without braces); None when the text has none. An unclosed `\boxed{` (an output cut at the
+    length limit) and an empty box are not answers."""
+    if not isinstance(text, str):
+        raise TypeError(f"extract_answer expects the model's output text (str), got {type(text).__name__}")
+    partners = None
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        j = m.end()
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            partners = _brace_partners(text) if partners is None else partners
+            end = partners.get(j)
+            content = text[j + 1:end].strip() if end is not None else ""
+        else:
+            bare = _BARE_BOX_RE.match(text, m.end())
+            content = bare.group(1).rstrip(".,;:") if bare else ""
+        if content:
+            return content
+    return None
+
+
+def choice_letter(text: str) -> str | None:
+    """The option letter an answer names ("C", "(C)", "C. 5", "\\text{C}"), or None."""
+    m = _CHOICE_RE.match(normalize(text))
+    return m.group(1) if m else None
+
+
+def _gold_text(gold: str | int | float) -> str:
+    if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
+        raise TypeError(f"gold answer must be str, int or float, got {type(gold).__name__}: {gold!r}")
+    if isinstance(gold, float) and gold.is_integer():
+        return str(int(gold))
+    return str(gold)
+
+
+def _worker_pool() -> WorkerPool:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = WorkerPool(preload=("eval.symbolic",))
+        return _pool
+
+
+def is_equivalent(pred: str | None, gold: str | int | float, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Is the extracted answer `pred` the gold answer? False for None, for an empty answer, and
+    for a comparison that does not finish within `timeout_s` or exhausts its worker's memory cap
+    (safe from any thread). A worker that cannot start, or a bug in the comparison, raises."""
+    gold = _gold_text(gold)
+    if pred is None or not normalize(pred) or not normalize(gold):
+        return False
+    if key(pred) == key(gold):
+        return True
+    gold_letter = re.fullmatch(r"\(?([A-J])\)?", normalize(gold))
+    if gold_letter:  # a multiple-choice gold: compare the option letters only
+        return choice_letter(pred) == gold_letter.group(1)
+    p, g = parse_number(pred), parse_number(gold)
+    if p is not None and g is not None:
+        return numbers_match(p, g)
+    try:
+        return bool(_worker_pool().call(equivalent, (pred, gold), timeout_s))
+    except TimeLimitExceeded:
+        log.info("equivalence check timed out after %g s: pred=%.80r gold=%.80r", timeout_s, pred, gold)
+        return False
+    except WorkerCrashed as e:
+        log.warning("equivalence check crashed its worker (%s): pred=%.80r gold=%.80r", e, pred, gold)
+        return False
+
+
+def is_correct(output: str, golds: Sequence[str | int | float], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Grade a whole model output against every acceptable gold (e.g. a letter and its option)."""
+    pred = extract_answer(output)
+    return any(is_equivalent(pred, g, timeout_s=timeout_s) for g in golds)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are right: 1 - C(n-c, k) / C(n, k). The ratio is
+    prod_{i=n-c+1..n} (1 - k/i), summed in log space (log1p) and subtracted from 1 with expm1, so
+    neither huge binomials nor the cancellation in 1 - (a number near 1) cost precision."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return -expm1(fsum(log1p(-k / i) for i in range(n - c + 1, n + 1)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["--agreement"]:
+        sys.exit("usage: python -m eval.grading --agreement [--show ...]  (the same as python -m eval.agreement)")
+    from eval.agreement import main
+
+    sys.exit(main(sys.argv[2:]))

@@ -1,0 +1,81 @@
+"""Symbolic equality of two leaf expressions, through math-verify (sympy underneath).
+
+Runs only inside the time-limited worker (eval/timelimit.py): math-verify's own timeouts use
+signal.alarm, which works only on the main thread of the main process, so they are switched off
+here (parsing_timeout=None, timeout_seconds=None) and the worker's deadline bounds the time.
+"""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+
+from latex2sympy2_extended.math_normalization import NormalizationConfig
+from math_verify import parse, verify
+from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
+from sympy import Basic, simplify
+from sympy.core.relational import Equality
+
+from eval.equivalence import REL_TOL
+
+# Parse the whole string as one expression: no \boxed search, no "first number in the text", and
+# no unit stripping (eval/normalize.py owns units: math-verify's list would turn `-3 m` into -3).
+_NORMALIZATION = NormalizationConfig(basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="none",
+                                     equations=False)
+_CONFIG = [LatexExtractionConfig(try_extract_without_anchor=True, boxed_match_priority=-1, normalization_config=_NORMALIZATION),
+           ExprExtractionConfig(try_extract_without_anchor=True)]
+
+# math-verify warns on every call that its timeouts are off; that is deliberate here.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _parse(s: str) -> list:
+    return parse(f"${s}$", extraction_config=_CONFIG, parsing_timeout=None)
+
+
+def _real_value(expr: Basic) -> Fraction | None:
+    """A closed-form real number as an exact-enough Fraction (30 digits), or None."""
+    if not isinstance(expr, Basic) or expr.free_symbols:
+        return None
+    value = expr.evalf(30)
+    if not value.is_real or not value.is_finite:
+        return None
+    return Fraction(str(value))
+
+
+def _same_equation(pred: Basic, gold: Basic) -> bool:
+    """The same equation as written: lhs - rhs equal, or the two sides swapped. Not merely the
+    same solution set: 20x - 28y + 44z + 16 = 0 is not an answer to "in the form Ax + By + Cz + D
+    = 0 with gcd 1", which math-verify's proportional comparison would accept."""
+    if not (isinstance(pred, Equality) and isinstance(gold, Equality)):
+        return False
+    same = simplify((pred.lhs - pred.rhs) - (gold.lhs - gold.rhs)) == 0
+    return bool(same or (simplify(pred.lhs - gold.rhs) == 0 and simplify(pred.rhs - gold.lhs) == 0))
+
+
+def _has_decimal(s: str) -> bool:
+    return any(c == "." and (i + 1 < len(s) and s[i + 1].isdigit()) for i, c in enumerate(s))
+
+
+def symbolic_equal(pred: str, gold: str) -> bool:
+    """math-verify's symbolic/numeric equality; and, when one side is a rounded decimal and the
+    gold is not an integer, the values within a relative 1e-4."""
+    try:
+        p, g = _parse(pred), _parse(gold)
+        if not p or not g:
+            return False
+        if isinstance(p[0], Equality) or isinstance(g[0], Equality):
+            return _same_equation(p[0], g[0])
+        if verify(g, p, timeout_seconds=None, strict=True):
+            return True
+    except Exception:  # noqa: BLE001 - sympy raises many kinds on odd input: "not shown equal"
+        return False
+    if not (_has_decimal(pred) or _has_decimal(gold)):
+        return False
+    try:
+        pv, gv = _real_value(p[0]), _real_value(g[0])
+    except Exception:  # noqa: BLE001 - as above
+        return False
+    if pv is None or gv is None or (gv.denominator == 1 and not _has_decimal(gold)):
+        return False
+    return abs(pv - gv) <= REL_TOL * abs(gv)

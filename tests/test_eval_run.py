@@ -1,0 +1,228 @@
+"""eval.run: the harness around a generator (a scripted fake here), resume, the summary, the
+sampler adapter, and the command line end to end on a tiny model with transformers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+
+import pytest
+
+from eval.benchmarks import Benchmark, Problem, records_benchmark
+from eval.generators import Completion, LLMGenerator, Request, chat_token_ids
+from eval.grading import pass_at_k
+from eval.results import load_results
+from eval.run import LIMO_SYSTEM_PROMPT, evaluate, main, sample_seed
+from tests.conftest import shared_path
+
+# Which samples the fake model gets right: problem id -> sample indices.
+RIGHT = {"p0": {0, 1, 2, 3}, "p1": {1, 3}, "p2": set()}
+
+
+def _bench() -> Benchmark:
+    return Benchmark("toy", (Problem("p0", "2+2?", ("4",)), Problem("p1", "half of 1?", ("\\frac{1}{2}",)),
+                             Problem("p2", "pick", ("B",))), samples=4, temperature=0.7)
+
+
+class FakeGenerator:
+    """Answers from the seed: it recovers (problem, sample) by matching each request's seed."""
+
+    def __init__(self, bench: Benchmark, fail_after: int | None = None):
+        self.keys = {sample_seed(0, bench.name, p.id, j): (p, j) for p in bench.problems for j in range(bench.samples)}
+        self.requests: list[Request] = []
+        self.fail_after = fail_after
+
+    def __call__(self, requests):
+        if self.fail_after is not None and len(self.requests) >= self.fail_after:
+            raise RuntimeError("the machine went away")
+        self.requests += requests
+        out = []
+        for r in requests:
+            problem, j = self.keys[r.seed]
+            answer = {"p0": "4", "p1": "0.5", "p2": "(B)"}[problem.id] if j in RIGHT[problem.id] else "7"
+            text = f"thinking... \\boxed{{{answer}}}" if j != 2 or problem.id != "p1" else "ran out of tokens"
+            out.append(Completion(text, "stop" if "boxed" in text else "length", 10 + j))
+        return out
+
+
+def test_evaluate_writes_samples_and_a_summary(tmp_path):
+    bench = _bench()
+    gen = FakeGenerator(bench)
+    (summary,) = evaluate(gen, [bench], tmp_path, max_tokens=99, batch_size=5, verbose=False)
+
+    assert {(r.user, r.system, r.temperature, r.max_tokens) for r in gen.requests} == \
+        {(p.question, LIMO_SYSTEM_PROMPT, 0.7, 99) for p in bench.problems}
+    assert len(gen.requests) == 12 and len({r.seed for r in gen.requests}) == 12
+
+    results = load_results(tmp_path / "toy.jsonl")
+    assert {k: r.correct for k, r in results.items()} == {(p, j): j in RIGHT[p] for p in RIGHT for j in range(4)}
+    assert results[("p1", 2)].extracted is None and results[("p1", 1)].extracted == "0.5"
+
+    c = [len(RIGHT[p]) for p in ("p0", "p1", "p2")]
+    runs = [100 * sum(j in RIGHT[p] for p in RIGHT) / 3 for j in range(4)]
+    assert summary["pass@1"] == pytest.approx(100 * sum(x / 4 for x in c) / 3)
+    assert summary["pass@1_std"] == pytest.approx(statistics.stdev(runs))
+    assert (summary["pass@1_min"], summary["pass@1_max"]) == (min(runs), max(runs))
+    for k in (1, 2, 4):
+        assert summary["pass@k"][str(k)] == pytest.approx(100 * sum(pass_at_k(4, x, k) for x in c) / 3)
+    assert summary["no_answer_%"] == pytest.approx(100 / 12)
+    assert summary["truncated_%"] == pytest.approx(100 / 12)
+    assert summary["mean_tokens"] == pytest.approx(11.5)
+    assert json.loads((tmp_path / "summary.json").read_text()) == [summary]
+
+
+def test_resumed_equals_uninterrupted(tmp_path):
+    bench = _bench()
+    whole = tmp_path / "whole"
+    evaluate(FakeGenerator(bench), [bench], whole, batch_size=5, verbose=False)
+
+    parts = tmp_path / "parts"
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate(FakeGenerator(bench, fail_after=5), [bench], parts, batch_size=5, verbose=False)
+    assert len(load_results(parts / "toy.jsonl")) == 5
+    with open(parts / "toy.jsonl", "a") as f:
+        f.write('{"benchmark": "toy", "problem_id": "p1", "sam')  # a write torn by the crash
+    second = FakeGenerator(bench)
+    evaluate(second, [bench], parts, batch_size=5, verbose=False)
+    assert len(second.requests) == 7  # only what was missing
+
+    def lines(path):
+        return sorted((path / "toy.jsonl").read_text().splitlines())
+
+    assert lines(parts) == lines(whole)
+    assert json.loads((parts / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    third = FakeGenerator(bench)
+    evaluate(third, [bench], parts, verbose=False)
+    assert third.requests == []
+
+
+def test_a_resumed_run_must_sample_the_same_way(tmp_path):
+    bench = _bench()
+    evaluate(FakeGenerator(bench), [bench], tmp_path, max_tokens=64, verbose=False)
+    with pytest.raises(ValueError, match="max_tokens=128 .* made with 64"):
+        evaluate(FakeGenerator(bench), [bench], tmp_path, max_tokens=128, verbose=False)
+    with pytest.raises(ValueError, match="benchmark toy now has"):
+        evaluate(FakeGenerator(bench), [bench], tmp_path, max_tokens=64, temperature=0.0, verbose=False)
+
+
+def test_bad_lines_in_a_results_file_are_named(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    path.write_text('{"benchmark": "toy"}\n')
+    with pytest.raises(ValueError, match=r"toy\.jsonl:1: expected keys"):
+        load_results(path)
+
+
+def test_regrade_rewrites_verdicts(tmp_path):
+    bench = _bench()
+    evaluate(FakeGenerator(bench), [bench], tmp_path, verbose=False)
+    harder = Benchmark("toy", (Problem("p0", "2+2?", ("5",)),) + bench.problems[1:], samples=4, temperature=0.7)
+    (summary,) = evaluate(FakeGenerator(harder), [harder], tmp_path, regrade=True, verbose=False)
+    assert not any(r.correct for (p, _), r in load_results(tmp_path / "toy.jsonl").items() if p == "p0")
+    assert summary["pass@1"] == pytest.approx(100 * (2 / 4) / 3)
+
+
+def test_synthetic_records_go_through_the_same_path(tmp_path):
+    bench = records_benchmark("synthetic", [{"question": "3*3?", "solution": "...", "answer": "9"}])
+
+    def generator(requests):
+        return [Completion("\\boxed{9}", "stop", 3) for _ in requests]
+
+    (summary,) = evaluate(generator, [bench], tmp_path, verbose=False)
+    assert summary["pass@1"] == 100.0
+
+
+# ------------------------------------------------------------------------------------------
+# The adapter over eval.sampler.LLM, with a fake LLM of the announced interface.
+
+
+@dataclass
+class _Params:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    n: int
+
+
+@dataclass
+class _Output:
+    prompt_index: int
+    sample_index: int
+    token_ids: list
+    text: str
+    finish_reason: str
+
+
+class _FakeLLM:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.calls = []
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append((prompts, params))
+        outs = [_Output(i, 0, [1, 2, 3], f"answer {i}", "stop") for i in range(len(prompts))]
+        return outs[::-1]  # any order: the adapter sorts by (prompt, sample)
+
+
+def test_llm_adapter_templates_prompts_and_orders_outputs():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("data", "tokenizers", "qwen2.5")))
+    llm = _FakeLLM(tokenizer)
+    requests = [Request(LIMO_SYSTEM_PROMPT, f"question {i}", 0.7, 0.95, 100, 1000 + i) for i in range(3)]
+    completions = LLMGenerator(llm, sampling_params=_Params, use_tqdm=False)(requests)
+    assert completions == [Completion(f"answer {i}", "stop", 3) for i in range(3)]
+    prompts, params = llm.calls[0]
+    assert params == [_Params(0.7, 0.95, 100, 1000 + i, 1) for i in range(3)]
+    text = tokenizer.decode(prompts[1])
+    assert text == ("<|im_start|>system\n" + LIMO_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nquestion 1<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert prompts[1] == chat_token_ids(tokenizer, requests[1])
+
+
+def test_llm_adapter_rejects_a_missing_output():
+    class Short(_FakeLLM):
+        def generate(self, prompts, params, use_tqdm=True):
+            return super().generate(prompts, params)[1:]
+
+    from transformers import AutoTokenizer
+
+    llm = Short(AutoTokenizer.from_pretrained(str(shared_path("data", "tokenizers", "qwen2.5"))))
+    with pytest.raises(RuntimeError, match="expected exactly one for each of 2"):
+        LLMGenerator(llm, sampling_params=_Params)([Request("s", "u", 0.0, 1.0, 5, 1)] * 2)
+
+
+# ------------------------------------------------------------------------------------------
+# The command line, end to end: a tiny random Qwen2 folder, the bundled benchmark files.
+
+
+def test_command_line_on_a_local_model_folder(tmp_path, capsys):
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    model_dir = tmp_path / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("data", "tokenizers", "qwen2.5")))
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--benchmarks", "aime24,gpqa", "--limit", "2", "--samples", "2", "--max-tokens", "6",
+            "--engine", "transformers", "--device", "cpu", "--dtype", "float32", "--out", str(out),
+            "--data", str(shared_path("data", "eval"))]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "aime24" in printed and "gpqa" in printed and "pass@1" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["benchmark"], s["problems"], s["samples"]) for s in summary] == [("aime24", 2, 2), ("gpqa", 2, 2)]
+    for name in ("aime24", "gpqa"):
+        results = load_results(out / f"{name}.jsonl")
+        assert len(results) == 4
+        assert all(r.num_tokens <= 6 and r.finish_reason in ("stop", "length") for r in results.values())
+    # the same command again generates nothing and reports the same summary
+    assert main(argv) == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert "0 to generate" in capsys.readouterr().out

@@ -1,0 +1,280 @@
+"""eval.grading: answer extraction, equivalence (with its time limit) and pass@k."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from math import comb
+
+import pytest
+
+from eval.grading import choice_letter, extract_answer, is_correct, is_equivalent, pass_at_k
+from eval.normalize import parse_number
+from tests.conftest import ROOT
+
+# ------------------------------------------------------------------------------------------
+# extract_answer
+
+
+@pytest.mark.parametrize("text, want", [
+    (r"so \boxed{1} at first, but finally \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+    (r"nested braces \boxed{\begin{pmatrix} 1 \\ {2} \end{pmatrix}} end", r"\begin{pmatrix} 1 \\ {2} \end{pmatrix}"),
+    (r"a set \boxed{\{1, 2\}} with escaped braces", r"\{1, 2\}"),
+    (r"braceless $\boxed 5$.", "5"),
+    (r"braceless at the end \boxed 42.", "42"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed {  3 }", "3"),
+    (r"inner one wins \boxed{\boxed{9}}", "9"),
+    (r"an empty box is no answer: \boxed{7} then \boxed{}", "7"),
+    (r"cut at the length limit: \boxed{12} ... \boxed{\frac{3", "12"),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+@pytest.mark.parametrize("text", ["no box at all, the answer is 5", r"\boxed{unclosed", r"\boxed{}", "", r"\boxedfoo{3}"])
+def test_extract_answer_none(text):
+    assert extract_answer(text) is None
+
+
+def test_extract_answer_rejects_non_text():
+    with pytest.raises(TypeError, match="str"):
+        extract_answer(None)
+
+
+def test_extract_answer_is_linear_on_hostile_text():
+    text = r"\boxed{" * 50_000 + "x"
+    start = time.perf_counter()
+    assert extract_answer(text) is None
+    assert time.perf_counter() - start < 2.0
+
+
+# ------------------------------------------------------------------------------------------
+# is_equivalent
+
+EQUIVALENT = [
+    (r"\frac{1}{2}", "0.5"),
+    (r"\dfrac12", r"\frac{1}{2}"),
+    (r"\frac{-35}{9}", r"-\frac{35}{9}"),
+    (r"\frac{2240}{78125}", r"\frac{448}{15625}"),
+    ("x = 5", "5"),
+    ("5", "x=5"),
+    (r"x \approx 600", "600"),
+    ("2x", "$f(x)=2 x$"),
+    ("90", r"90^\circ"),
+    (r"5 \text{ cm}^2", "5"),
+    ("27 miles", "27"),
+    (r"12^{\text{th}}\text{ grade}", "12"),
+    ("10080", r"10,\!080"),
+    ("11111111100", r"11,\! 111,\! 111,\! 100"),
+    ("1,000,000", "1000000"),
+    ("Evelyn", r"\text{Evelyn}"),
+    (r"\text{Even}", "even"),
+    ("4343", "4343_6"),
+    (r"7 \frac{3}{11}", r"\frac{80}{11}"),
+    ("0.0000672", ".0000672"),
+    (r"4.5 \times 10^{33}", "4.5e33"),
+    (r"50\%", "0.5"),
+    (r"10\%", "10"),
+    ("0.33333", r"\frac{1}{3}"),
+    ("0.8660", r"\frac{\sqrt{3}}{2}"),
+    ("3√13", r"3\sqrt{13}"),
+    ("12π", r"12\pi"),
+    ("27", 27.0),
+    ("-1", -1),
+    ("(x+1)^2", "x^2+2x+1"),
+    (r"\frac{\cos x}{\sin x}", r"\cot x"),
+    (r"\frac{(2n)!}{(n!)^2}", r"\binom{2n}{n}"),
+    ("2^8", "256"),
+    (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),
+    ("(3/5, 8/3]", r"\left(\frac{3}{5},\frac{8}{3}\right]"),
+    ("[-2, 7]", r"x \in [-2,7]"),
+    (r"x \in (0, 9) \cup (9, 36)", r"(0,9) \cup (9,36)"),
+    ("k < -5", r"(-\infty,-5)"),
+    (r"-1 \leq t < 2", "[-1, 2)"),
+    (r"x < 1 \text{ or } x > 2", r"(-\infty, 1) \cup (2, \infty)"),
+    ("-2, 1", "1,-2"),
+    (r"7 \text{ and } -5", "-5,7"),
+    (r"\{1, 2\}", "1, 2"),
+    (r"3 + 2\sqrt{2}, 3 - 2\sqrt{2}", r"3 \pm 2 \sqrt{2}"),
+    (r"\pm 1, \pm 7", "1,-1,7,-7"),
+    (r"(3, 2), (3, -2), (-3, 2), (-3, -2)", "$(3,2),(-3,2),(3,-2),(-3,-2)$"),
+    (r"\left(\frac{1}{3}, -2, 5\right)", r"$\frac{1}{3},-2,5$"),
+    (r"\begin{pmatrix} -\frac{1}{3} \\ \frac{2}{3} \end{pmatrix}", r"\begin{pmatrix} -1/3 \\ 2/3 \end{pmatrix}"),
+    (r"\begin{pmatrix} 1 & 0 \\ 0 & 1 \end{pmatrix}", r"\begin{bmatrix} 1 & 0 \\ 0 & 1 \end{bmatrix}"),
+    ("y = 2x + 3", "2x+3"),
+    ("x^2 + y^2 - 1 = 0", "x^2+y^2=1"),
+    ("C", r"\text{(C)}"),
+    (r"\textbf{(B)}\ 3(1 + r/10)^x = 7", r"\text{(B)}"),
+    ("A. 10^-4 eV", "A"),
+]
+
+NOT_EQUIVALENT = [
+    (r"[2, \infty)", r"(2,\infty)"),                         # bracket types are part of an interval
+    (r"\left(\frac{3}{5}, \frac{8}{3}\right)", r"\left(\frac{3}{5},\frac{8}{3}\right]"),
+    ("102019", "102018"),                                     # integers are exact, no relative tolerance
+    ("204.01", "204"),
+    ("1", "100"),                                             # no silent percentage rescaling
+    ("2000", "20"),
+    ("0.33", r"\frac{1}{3}"),                                 # outside 1e-4
+    (r"\sqrt{2}", "1.41"),
+    ("(1, 2)", "(2, 1)"),                                     # tuples are ordered
+    ("(1, 2, 3)", "1, 2"),
+    ("x", "y"),
+    ("-3", "-3 m"),                                           # a lone letter is a variable, not a unit
+    ("tsae", "east"),                                         # words are text, not products of symbols
+    (r"\text{odd}", r"\text{even}"),
+    ("20x - 28y + 44z + 16 = 0", "5x - 7y + 11z + 4 = 0"),   # same plane, not the asked-for form
+    ("f(x) = x", "$f(x)=x$,$f(x)=2-x$"),                      # one of two solutions
+    (r"r = 4, \frac{7}{2}", "4"),                             # an extra, wrong solution
+    (r"\frac{1}{4} \left[ \cos^2 \left( \frac{2 \pi}{5} \right) + \cos \left( \frac{2 \pi}{5} \right) \cos "
+     r"\left( \frac{2 \pi}{15} \right) \right]", r"\frac{1}{16}"),  # not evaluated, whatever its value
+    ("B", "A"),
+    ("3", "C"),
+    (r"\{-1, -1, 2\}", r"\{1\pm\sqrt{5},-2\}"),
+    ("", "5"),
+    ("   ", "5"),
+]
+
+
+@pytest.mark.parametrize("pred, gold", EQUIVALENT)
+def test_equivalent(pred, gold):
+    assert is_equivalent(pred, gold) is True
+
+
+@pytest.mark.parametrize("pred, gold", NOT_EQUIVALENT)
+def test_not_equivalent(pred, gold):
+    assert is_equivalent(pred, gold) is False
+
+
+def test_no_answer_is_never_right():
+    assert is_equivalent(None, "5") is False
+    assert is_correct("the answer is 5", ["5"]) is False
+    assert is_correct(r"so \boxed{5}", ["7", "5"]) is True
+
+
+@pytest.mark.parametrize("gold", [None, True, ["5"], {"a": 1}])
+def test_bad_gold_names_its_type(gold):
+    with pytest.raises(TypeError, match="gold answer"):
+        is_equivalent("5", gold)
+
+
+def test_the_grading_process_never_imports_sympy():
+    """sympy and math-verify live in the workers; torch only comes with a generator that needs it."""
+    code = "import sys, eval.grading, eval.run; print(sorted(m for m in ('sympy', 'math_verify', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_choice_letter():
+    assert [choice_letter(t) for t in ["C", "(C)", r"\text{C}", "C. 5", "C: five", "c", "Cat", "5"]] == \
+        ["C", "C", "C", "C", "C", None, None, None]
+
+
+def test_number_literals_do_not_expand_huge_exponents():
+    start = time.perf_counter()
+    assert parse_number("1e999999999") is None
+    assert parse_number(r"10^{999999999}") is None
+    assert parse_number("9" * 5000) is None
+    assert time.perf_counter() - start < 1.0
+    assert parse_number("1e3").value == 1000 and parse_number("1e3").decimal
+    assert parse_number(r"-\frac{3}{4}").value == Fraction(-3, 4)
+
+
+# ------------------------------------------------------------------------------------------
+# The time limit: pathological input returns False within it, from any thread.
+
+PATHOLOGICAL = [
+    (r"10^{10^{10}}", "5"),
+    (r"2^{2^{2^{2^{2^{2^{2}}}}}}", "7"),
+    ("(" * 3000 + "1" + ")" * 3000, "2"),
+    ("+".join(f"x^{{{i}}}" for i in range(2000)), "x"),
+]
+
+
+@pytest.mark.parametrize("pred, gold", PATHOLOGICAL)
+def test_pathological_input_is_false_within_the_limit_off_the_main_thread(pred, gold):
+    assert is_equivalent("x^2", "x*x")  # a warm worker, so the clock measures the comparison alone
+    limit = 1.0
+    result, elapsed = {}, {}
+
+    def job():
+        start = time.perf_counter()
+        result["value"] = is_equivalent(pred, gold, timeout_s=limit)
+        elapsed["s"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert result["value"] is False
+    assert elapsed["s"] < limit + 1.0
+    assert is_equivalent(r"\frac{\sqrt{8}}{2}", r"\sqrt{2}")  # the pool recovered: a fresh worker answers
+
+
+def test_worker_failures_raise_instead_of_grading_false():
+    from eval.benchmarks import load_benchmark
+    from eval.equivalence import equivalent
+    from eval.timelimit import WorkerError, WorkerPool
+
+    broken = WorkerPool(preload=("eval.no_such_module",))
+    with pytest.raises(RuntimeError, match="did not start"):
+        broken.call(equivalent, ("1", "1"), 5.0)
+    pool = WorkerPool()
+    with pytest.raises(WorkerError, match="unknown benchmark 'nope'"):
+        pool.call(load_benchmark, ("nope",), 5.0)
+    assert pool.call(equivalent, ("x^2", "x*x"), 30.0) is True
+    pool.close()
+
+
+def test_many_threads_grade_at_once():
+    pairs = EQUIVALENT[:16] + NOT_EQUIVALENT[:16]
+    want = [True] * 16 + [False] * 16
+    got = [None] * len(pairs)
+
+    def job(first):
+        for i in range(first, len(pairs), 4):
+            got[i] = is_equivalent(*pairs[i])
+
+    threads = [threading.Thread(target=job, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got == want
+
+
+# ------------------------------------------------------------------------------------------
+# pass@k against the exact binomial formula
+
+
+def _pass_at_k_exact(n: int, c: int, k: int) -> Fraction:
+    return 1 - Fraction(comb(n - c, k), comb(n, k))
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 37, 200])
+def test_pass_at_k_matches_exact_binomials(n):
+    for c in range(n + 1):
+        for k in sorted({1, 2, 4, 8, 16, n // 2 or 1, n} & set(range(1, n + 1))):
+            want = _pass_at_k_exact(n, c, k)
+            got = pass_at_k(n, c, k)
+            assert abs(Fraction(got) - want) <= Fraction(1, 10**12) * max(want, Fraction(1, 10**300)), (n, c, k)
+
+
+def test_pass_at_k_edges_and_large_n():
+    assert pass_at_k(16, 0, 1) == 0.0
+    assert pass_at_k(16, 16, 16) == 1.0
+    assert pass_at_k(16, 5, 1) == pytest.approx(5 / 16, rel=1e-15)
+    assert pass_at_k(16, 10, 8) == 1.0  # fewer than k wrong samples: every k-subset has a right one
+    assert pass_at_k(10**6, 1, 1) == pytest.approx(1e-6, rel=1e-13)  # no cancellation in 1 - (1 - 1e-6)
+    got = pass_at_k(10_000, 37, 1000)  # comb(10000, 1000) has 1400+ digits: never formed
+    assert abs(Fraction(got) - _pass_at_k_exact(10_000, 37, 1000)) < Fraction(1, 10**12)
+
+
+@pytest.mark.parametrize("n, c, k", [(0, 0, 1), (4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)])
+def test_pass_at_k_rejects_bad_counts(n, c, k):
+    with pytest.raises(ValueError, match="pass_at_k"):
+        pass_at_k(n, c, k)
