@@ -37,7 +37,8 @@ class EncodedSample:
 
     def __post_init__(self) -> None:
         if self.input_ids.shape != self.labels.shape or self.input_ids.dim() != 1 or len(self.input_ids) == 0:
-            raise DataError(f"{self.where}: input_ids {tuple(self.input_ids.shape)} and labels {tuple(self.labels.shape)} must be equal, non-empty 1-D")
+            shapes = f"input_ids {tuple(self.input_ids.shape)} and labels {tuple(self.labels.shape)}"
+            raise DataError(f"{self.where}: {shapes} must be equal, non-empty 1-D")
         self.num_label_tokens = int((self.labels[1:] != IGNORE).sum())
 
     def __len__(self) -> int:
@@ -90,10 +91,7 @@ def resolve_tokenizer(data_cfg: Any, model_path: str | None = None) -> Any:
 def _records(data_cfg: Any, seed: int) -> tuple[list[Sample], str, str, int]:
     if data_cfg.path == "synthetic":
         records = synthetic.train_split(data_cfg.synthetic_samples, seed)
-        samples = [
-            Sample([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["solution"]}], f"synthetic[{i}]", r["answer"])
-            for i, r in enumerate(records)
-        ]
+        samples = [Sample(synthetic.messages(r), f"synthetic[{i}]", r["answer"]) for i, r in enumerate(records)]
         return samples, "synthetic", "limo", 0
     samples, source = load_records(data_cfg.path, data_cfg.format)
     if source.duplicates:
@@ -119,7 +117,8 @@ def load_samples(data_cfg: Any, tokenizer: Any, seed: int = 0) -> tuple[list[Enc
                 continue
             ids, labels, truncated = ids[: data_cfg.max_tokens], labels[: data_cfg.max_tokens], True
             report.truncated += 1
-        enc = EncodedSample(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32), len(out), sample.where, truncated)
+        ids_t, labels_t = torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32)
+        enc = EncodedSample(ids_t, labels_t, len(out), sample.where, truncated)
         if enc.num_label_tokens == 0:
             report.dropped += 1
             log.warning("data: %s has no supervised token left after truncation to %d; dropped", sample.where, data_cfg.max_tokens)

@@ -78,20 +78,29 @@ def main(argv: list[str] | None = None) -> str:
     samples, report = load_samples(cfg, resolve_tokenizer(cfg))
     lengths = sorted(len(s) for s in samples)
     loader = PackedLoader(
-        samples, samples_per_step=cfg.samples_per_step, tokens_per_microbatch=cfg.tokens_per_microbatch, epochs=1, world_size=args.world_size, seed=args.seed
+        samples,
+        samples_per_step=cfg.samples_per_step,
+        tokens_per_microbatch=cfg.tokens_per_microbatch,
+        epochs=1,
+        world_size=args.world_size,
+        seed=args.seed,
     )
     packing = epoch_packing(loader)
     padded = report.tokens / (len(samples) * lengths[-1])
+    last = len(samples) - (loader.steps_per_epoch - 1) * cfg.samples_per_step
+    quantiles = ", ".join(f"p{round(q * 100)} {percentile(lengths, q)}" for q in (0.5, 0.9, 0.99))
     lines = [
         report.summary(),
-        f"lengths: min {lengths[0]}, p50 {percentile(lengths, 0.5)}, p90 {percentile(lengths, 0.9)}, p99 {percentile(lengths, 0.99)}, max {lengths[-1]}",
+        f"lengths: min {lengths[0]}, {quantiles}, max {lengths[-1]}",
         *histogram(lengths, args.bins),
         f"over the cutoff of {cfg.max_tokens}: {report.overlong} ({cfg.overlong}: {report.truncated} truncated, {report.dropped} dropped)",
         f"tokens per epoch: {report.tokens} ({report.label_tokens} supervised, {report.label_tokens / report.tokens:.1%})",
-        f"steps per epoch: {loader.steps_per_epoch} of {cfg.samples_per_step} samples (last: {len(samples) - (loader.steps_per_epoch - 1) * cfg.samples_per_step})",
-        f"packing at {cfg.tokens_per_microbatch} tokens x {args.world_size} ranks: {packing['micro_per_step']:.2f} micro-batches per rank per step, "
+        f"steps per epoch: {loader.steps_per_epoch} of {cfg.samples_per_step} samples (last: {last})",
+        f"packing at {cfg.tokens_per_microbatch} tokens x {args.world_size} ranks: "
+        f"{packing['micro_per_step']:.2f} micro-batches per rank per step, "
         f"{packing['efficiency']:.1%} of token slots used (one padded sample per pass: {padded:.1%})",
-        f"per-rank compute imbalance (max / mean, {CostModel()}): mean {packing['imbalance_mean']:.3f}, worst {packing['imbalance_max']:.3f}",
+        f"per-rank compute imbalance (max / mean, {CostModel()}): "
+        f"mean {packing['imbalance_mean']:.3f}, worst {packing['imbalance_max']:.3f}",
     ]
     text = "\n".join(lines)
     print(text)

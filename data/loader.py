@@ -38,14 +38,16 @@ class PackedLoader:
     ):
         if not samples:
             raise ValueError("PackedLoader needs at least one sample")
-        for name, value in (("samples_per_step", samples_per_step), ("tokens_per_microbatch", tokens_per_microbatch), ("epochs", epochs), ("world_size", world_size)):
+        sizes = dict(samples_per_step=samples_per_step, tokens_per_microbatch=tokens_per_microbatch, epochs=epochs, world_size=world_size)
+        for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         longest = max(samples, key=len)
         if len(longest) > tokens_per_microbatch:
-            raise ValueError(f"sample {longest.where or longest.index} has {len(longest)} tokens, more than tokens_per_microbatch={tokens_per_microbatch}")
+            name = longest.where or longest.index
+            raise ValueError(f"sample {name} has {len(longest)} tokens, more than tokens_per_microbatch={tokens_per_microbatch}")
         self.samples = list(samples)
         self.samples_per_step, self.budget, self.epochs = samples_per_step, tokens_per_microbatch, epochs
         self.world_size, self.rank, self.seed, self.cost = world_size, rank, seed, cost
@@ -73,9 +75,8 @@ class PackedLoader:
             raise IndexError(f"step {step} is outside [0, total_steps={self.total_steps})")
         epoch, k = divmod(step, self.steps_per_epoch)
         chosen = self.order(epoch)[k * self.samples_per_step : (k + 1) * self.samples_per_step]
-        return build_step(
-            [self.samples[i] for i in chosen], world_size=self.world_size, rank=self.rank, budget=self.budget, epoch=epoch, step=step, cost=self.cost
-        )
+        samples = [self.samples[i] for i in chosen]
+        return build_step(samples, world_size=self.world_size, rank=self.rank, budget=self.budget, epoch=epoch, step=step, cost=self.cost)
 
     def __len__(self) -> int:
         """Steps left from the current position."""
@@ -106,8 +107,11 @@ class PackedLoader:
         mine = self.state_dict()
         for key in ("seed", "num_samples", "samples_per_step", "fingerprint"):
             if int(state[key]) != mine[key]:
-                raise ValueError(f"loader state {key}={state[key]} but this loader has {key}={mine[key]}: resuming would change the data order")
+                raise ValueError(
+                    f"loader state {key}={state[key]} but this loader has {key}={mine[key]}: resuming would change the data order"
+                )
         epoch, k = int(state["epoch"]), int(state["step_in_epoch"])
         if not 0 <= k < self.steps_per_epoch or not 0 <= epoch * self.steps_per_epoch + k <= self.total_steps:
-            raise ValueError(f"loader state position epoch={epoch}, step_in_epoch={k} is outside this run ({self.epochs} epochs of {self.steps_per_epoch} steps)")
+            run = f"{self.epochs} epochs of {self.steps_per_epoch} steps"
+            raise ValueError(f"loader state position epoch={epoch}, step_in_epoch={k} is outside this run ({run})")
         self.epoch, self.step_in_epoch = epoch, k

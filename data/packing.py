@@ -62,13 +62,15 @@ class MicroBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def _map(self, fn) -> MicroBatch:
+        return replace(self, **{name: fn(getattr(self, name)) for name in ("input_ids", "labels", "position_ids", "cu_seqlens")})
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> MicroBatch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, input_ids=move(self.input_ids), labels=move(self.labels), position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> MicroBatch:
         """Page-locked copies, so that `.to(cuda, non_blocking=True)` really overlaps compute."""
-        return replace(self, input_ids=self.input_ids.pin_memory(), labels=self.labels.pin_memory(), position_ids=self.position_ids.pin_memory(), cu_seqlens=self.cu_seqlens.pin_memory())
+        return self._map(torch.Tensor.pin_memory)
 
 
 @dataclass

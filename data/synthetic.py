@@ -139,6 +139,11 @@ def _draw(rng: random.Random) -> tuple[tuple, dict[str, str]]:
     return key, {"question": f"Compute {expr}.", "solution": solution, "answer": str(value)}
 
 
+def messages(record: dict[str, str]) -> list[dict[str, str]]:
+    """A LIMO record as the conversation it trains: the question asked, the solution answered."""
+    return [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["solution"]}]
+
+
 def problems(count: int, seed: int = 0, skip: int = 0) -> list[dict[str, str]]:
     """Problems skip .. skip+count-1 of the seeded stream of distinct problems."""
     rng, seen, out = random.Random(seed), set(), []

@@ -206,7 +206,8 @@ def test_model_attention_goes_through_varlen_attention(monkeypatch):
         return real(q, k, v, cu_seqlens, max_seqlen, scale)
 
     monkeypatch.setattr("kernels.varlen_attention", spy)
-    model = build_model(ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4, num_kv_heads=2), device="cpu")
+    args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4, num_kv_heads=2)
+    model = build_model(args, device="cpu")
     model.init_weights()
     model(torch.arange(37) % 50, cu_seqlens=_cu(LENGTHS), max_seqlen=17)
     assert calls == [([0, 5, 6, 6, 23, 37], 17)] * 3

@@ -92,7 +92,9 @@ def test_template_that_rewrites_earlier_turns_is_an_error():
 
 def test_template_without_a_closing_special_token_is_an_error():
     tok = byte_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(DataError, match="x.jsonl:2: the chat template closes an assistant turn without a special token"):
         encode(Sample([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "x.jsonl:2"), tok)
 
@@ -100,7 +102,8 @@ def test_template_without_a_closing_special_token_is_an_error():
 def test_byte_tokenizer_labels_on_unicode_text():
     tok = byte_tokenizer()
     reply = "Größe: 3 ✓ \\boxed{3}"
-    ids, labels = encode([{"role": "user", "content": "Wie groß? 😀"}, {"role": "assistant", "content": reply}], tok)
-    assert ids == tok(tok.apply_chat_template([{"role": "user", "content": "Wie groß? 😀"}, {"role": "assistant", "content": reply}], tokenize=False))["input_ids"]
+    messages = [{"role": "user", "content": "Wie groß? 😀"}, {"role": "assistant", "content": reply}]
+    ids, labels = encode(messages, tok)
+    assert ids == tok(tok.apply_chat_template(messages, tokenize=False))["input_ids"]
     supervised = [i for i, label in zip(ids, labels) if label != IGNORE]
     assert supervised == list(reply.encode()) + [tok.convert_tokens_to_ids("<|im_end|>")]

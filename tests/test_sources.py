@@ -32,7 +32,8 @@ def test_limo_jsonl_becomes_user_and_assistant_turns(tmp_path):
 
 
 def test_json_list_messages_and_alpaca_layouts(tmp_path):
-    messages = {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    turns = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    messages = {"messages": turns}
     (tmp_path / "chat.json").write_text(json.dumps([messages]))
     samples, report = load_records(str(tmp_path / "chat.json"))
     assert samples[0].messages == messages["messages"] and samples[0].where == f"{tmp_path / 'chat.json'}[0]"
@@ -90,7 +91,10 @@ def test_missing_or_empty_limo_field_names_record_and_field(tmp_path, record, me
         ([{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}], r"field 'messages\[1\].role' is 'bot'"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], r"messages\[1\]: field 'content' is empty"),
         ([{"role": "user", "content": "q"}, {"role": "assistant"}], r"messages\[1\]: field 'content' is missing"),
-        ([{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "a system turn may only come first"),
+        (
+            [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+            "a system turn may only come first",
+        ),
         ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "must open with a user turn"),
         (["hello"], r"field 'messages\[0\]' is a str"),
     ],

@@ -34,7 +34,8 @@ def test_byte_ids_are_the_bytes_and_fit_the_tiny_vocab(tokenizer):
 def test_chat_template_is_qwen_style(tokenizer):
     messages = [{"role": "user", "content": "Compute 2 + 2."}]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        f"<|im_start|>system\n{synthetic.DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nCompute 2 + 2.<|im_end|>\n<|im_start|>assistant\n"
+        f"<|im_start|>system\n{synthetic.DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\nCompute 2 + 2.<|im_end|>\n<|im_start|>assistant\n"
     )
     with_system = [{"role": "system", "content": "S"}, *messages, {"role": "assistant", "content": "4"}]
     assert tokenizer.apply_chat_template(with_system, tokenize=False) == (
@@ -105,7 +106,7 @@ def test_deterministic_distinct_and_heldout_disjoint():
 
 
 def test_lengths_suit_the_tiny_demo(tokenizer):
-    lengths = [len(encode([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["solution"]}], tokenizer)[0]) for r in synthetic.train_split()]
+    lengths = [len(encode(synthetic.messages(r), tokenizer)[0]) for r in synthetic.train_split()]
     assert 100 <= min(lengths) and max(lengths) <= 320, (min(lengths), max(lengths))
 
 
