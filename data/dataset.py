@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,6 +83,8 @@ def resolve_tokenizer(data_cfg: Any, model_path: str | None = None) -> Any:
         if data_cfg.path == "synthetic":
             return synthetic.byte_tokenizer()
         raise DataError(f"data.path={data_cfg.path!r} needs a tokenizer: set data.tokenizer (a folder) or model.path")
+    if not Path(folder).is_dir():  # never let from_pretrained read a missing folder as a hub id
+        raise DataError(f"{key}={folder!r} is not a folder")
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

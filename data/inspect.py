@@ -13,10 +13,11 @@ import argparse
 import math
 from typing import Sequence
 
-from engine.config import DataConfig
 from data.dataset import load_samples, resolve_tokenizer
 from data.loader import PackedLoader
 from data.packing import CostModel, plan
+from data.sources import DataError
+from engine.config import ConfigError, DataConfig
 
 
 def histogram(lengths: Sequence[int], bins: int, width: int = 40) -> list[str]:
@@ -35,8 +36,8 @@ def percentile(sorted_values: Sequence[int], q: float) -> int:
 
 
 def epoch_packing(loader: PackedLoader) -> dict[str, float]:
-    """Epoch 0's plans on every rank: micro-batches per step, token efficiency, compute imbalance."""
-    slots = tokens = micro_total = 0
+    """Epoch 0's plans on every rank: passes (vs one sample per pass), token efficiency, compute imbalance."""
+    slots = tokens = micro_total = unpacked = 0
     imbalances = []
     order = loader.order(0)
     for k in range(loader.steps_per_epoch):
@@ -44,11 +45,14 @@ def epoch_packing(loader: PackedLoader) -> dict[str, float]:
         assignment = plan(lengths, loader.world_size, loader.budget, loader.cost)
         micro = max(len(r) for r in assignment)
         micro_total += micro
+        unpacked += math.ceil(len(lengths) / loader.world_size)
         slots += loader.world_size * micro * loader.budget
         tokens += sum(lengths)
         costs = [sum(loader.cost(lengths[i]) for group in r for i in group) for r in assignment]
         imbalances.append(max(costs) * loader.world_size / sum(costs))
     return {
+        "passes": micro_total,
+        "unpacked_passes": unpacked,
         "micro_per_step": micro_total / loader.steps_per_epoch,
         "efficiency": tokens / slots,
         "imbalance_mean": sum(imbalances) / len(imbalances),
@@ -74,8 +78,11 @@ def main(argv: list[str] | None = None) -> str:
         path=args.data, format=args.format, tokenizer=args.tokenizer, system_prompt=args.system_prompt, max_tokens=args.max_tokens,
         overlong=args.overlong, tokens_per_microbatch=args.tokens_per_microbatch or args.max_tokens, samples_per_step=args.samples_per_step,
     )
-    cfg.check()
-    samples, report = load_samples(cfg, resolve_tokenizer(cfg))
+    try:
+        cfg.check()
+        samples, report = load_samples(cfg, resolve_tokenizer(cfg))
+    except (ConfigError, DataError) as e:
+        raise SystemExit(f"python -m data.inspect: {e}") from None
     lengths = sorted(len(s) for s in samples)
     loader = PackedLoader(
         samples,
@@ -86,7 +93,6 @@ def main(argv: list[str] | None = None) -> str:
         seed=args.seed,
     )
     packing = epoch_packing(loader)
-    padded = report.tokens / (len(samples) * lengths[-1])
     last = len(samples) - (loader.steps_per_epoch - 1) * cfg.samples_per_step
     quantiles = ", ".join(f"p{round(q * 100)} {percentile(lengths, q)}" for q in (0.5, 0.9, 0.99))
     lines = [
@@ -98,7 +104,9 @@ def main(argv: list[str] | None = None) -> str:
         f"steps per epoch: {loader.steps_per_epoch} of {cfg.samples_per_step} samples (last: {last})",
         f"packing at {cfg.tokens_per_microbatch} tokens x {args.world_size} ranks: "
         f"{packing['micro_per_step']:.2f} micro-batches per rank per step, "
-        f"{packing['efficiency']:.1%} of token slots used (one padded sample per pass: {padded:.1%})",
+        f"{packing['efficiency']:.1%} of token slots used",
+        f"forward/backward passes per rank per epoch: {packing['passes']} packed, "
+        f"{packing['unpacked_passes']} with one sample per pass (LIMO's recipe)",
         f"per-rank compute imbalance (max / mean, {CostModel()}): "
         f"mean {packing['imbalance_mean']:.3f}, worst {packing['imbalance_max']:.3f}",
     ]

@@ -99,7 +99,12 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _hub_files(repo_id: str) -> list[Path]:
-    """Download (or reuse from the cache) a hub dataset's data files; the error names the id."""
+    """Download (or reuse from the cache) a hub dataset's data files; the error names the id.
+
+    Which files are the training data: .jsonl and .parquet files (plain .json only when there
+    are none, since repos keep metadata in .json), and of those only the ones named for a train
+    split when any is, so a repo's test split never leaks into training.
+    """
     try:
         from huggingface_hub import snapshot_download
 
@@ -107,6 +112,8 @@ def _hub_files(repo_id: str) -> list[Path]:
     except Exception as e:  # offline, unknown id, gated, network: all mean "cannot use this id"
         raise DataError(f"hub dataset {repo_id!r} could not be fetched ({type(e).__name__}: {e})") from None
     files = sorted(p for p in folder.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
+    files = [p for p in files if p.suffix != ".json"] or files
+    files = [p for p in files if "train" in p.relative_to(folder).as_posix()] or files
     if not files:
         raise DataError(f"hub dataset {repo_id!r} has no {', '.join(FILE_SUFFIXES)} files")
     return files

@@ -93,5 +93,7 @@ def test_resolve_tokenizer(tmp_path):
         resolve_tokenizer(DataConfig(path="data/limo.jsonl"))
     with pytest.raises(DataError, match=f"data.tokenizer='{tmp_path}': cannot load a tokenizer"):
         resolve_tokenizer(DataConfig(path="synthetic", tokenizer=str(tmp_path)))
+    with pytest.raises(DataError, match=f"model.path='{tmp_path / 'missing'}' is not a folder"):
+        resolve_tokenizer(DataConfig(path="x.jsonl"), model_path=str(tmp_path / "missing"))
     synthetic.byte_tokenizer().save_pretrained(str(tmp_path / "model"))
     assert resolve_tokenizer(DataConfig(path="x.jsonl"), model_path=str(tmp_path / "model")).eos_token == "<|im_end|>"

@@ -174,3 +174,28 @@ def test_parquet(tmp_path):
         samples, report = load_records(str(path))
         assert [s.messages[1]["content"] for s in samples] == [r["solution"] for r in LIMO]
         assert samples[1].where == f"{path} row 1" and report.format == "limo"
+
+
+def test_hub_dataset_uses_its_train_data_files(monkeypatch, tmp_path):
+    """A reachable hub id (the download stubbed): metadata .json and test splits are not training data."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "data").mkdir(parents=True)
+    write_jsonl(snapshot / "data" / "train.jsonl", LIMO)
+    write_jsonl(snapshot / "data" / "test.jsonl", [{"question": "held out", "solution": "s", "answer": "a"}])
+    (snapshot / "dataset_infos.json").write_text('{"default": {}}')
+    asked = []
+
+    def fake_download(repo_id, **kw):
+        asked.append((repo_id, kw["repo_type"]))
+        return str(snapshot if repo_id == "GAIR/LIMO" else tmp_path / "empty")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    samples, report = load_records("GAIR/LIMO")
+    assert asked == [("GAIR/LIMO", "dataset")]
+    assert [s.messages[0]["content"] for s in samples] == [r["question"] for r in LIMO]
+    assert report.files == [str(snapshot / "data" / "train.jsonl")] and samples[0].where == f"{snapshot / 'data' / 'train.jsonl'}:1"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="hub dataset 'owner/empty' has no .jsonl, .json, .parquet files"):
+        load_records("owner/empty")
