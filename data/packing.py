@@ -161,7 +161,7 @@ def build_step(
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
     lengths = [len(s) for s in samples]
     assignment = plan(lengths, world_size, budget, cost)
-    count = max(len(r) for r in assignment)
+    count = max(1, *(len(r) for r in assignment))  # at least one pass, even for an empty batch
     mine = [pack([samples[i] for i in group]) for group in assignment[rank]]
     mine += [dummy() for _ in range(count - len(mine))]
     rank_costs = [sum(cost(lengths[i]) for group in r for i in group) for r in assignment]
