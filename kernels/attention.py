@@ -1,11 +1,13 @@
 """Causal varlen attention over packed streams, with grouped-query attention.
 
-Backends, in order of preference (decided once per process and logged):
+Backends, in order of preference (decided once per device type and dtype, and logged):
   flash        `flash_attn.flash_attn_varlen_func` (the flash-attn package, CUDA)
   torch_varlen `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA)
   reference    one `scaled_dot_product_attention` per sample (any device; the CPU path)
 `ATTENTION_BACKEND=flash|torch_varlen|reference` names one explicitly; a named backend that
-cannot run raises instead of falling back.
+cannot run raises instead of falling back. The fused kernels take fp16/bf16 only, so float32
+and float64 inputs (exactness tests) go to the reference; the choice is made per device type
+and dtype, and logged.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ log = logging.getLogger(__name__)
 BACKENDS = ("flash", "torch_varlen", "reference")
 
 
-def _available(name: str, device: torch.device) -> str | None:
-    """None when `name` can run on `device`, else the reason it cannot."""
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _available(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None when `name` can run on `device` with `dtype` inputs, else the reason it cannot."""
     if name == "reference":
         return None
     if device.type != "cuda":
         return f"{name} needs a CUDA device, got {device.type}"
+    if dtype not in HALF_DTYPES:
+        return f"{name} needs float16 or bfloat16 inputs, got {dtype}"
     if name == "flash" and importlib.util.find_spec("flash_attn") is None:
         return "the flash-attn package is not installed (pip install -e '.[flash]')"
     if name == "torch_varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
@@ -39,19 +46,19 @@ def _available(name: str, device: torch.device) -> str | None:
 
 
 @functools.cache
-def select_backend(device_type: str) -> str:
+def select_backend(device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
     device = torch.device(device_type)
     named = os.environ.get("ATTENTION_BACKEND")
     if named:
         if named not in BACKENDS:
             raise ValueError(f"ATTENTION_BACKEND={named!r}; allowed: {', '.join(BACKENDS)}")
-        reason = _available(named, device)
+        reason = _available(named, device, dtype)
         if reason:
             raise RuntimeError(f"ATTENTION_BACKEND={named} cannot run: {reason}")
         choice = named
     else:
-        choice = next(b for b in BACKENDS if _available(b, device) is None)
-    log.info("varlen attention on %s: %s", device_type, choice)
+        choice = next(b for b in BACKENDS if _available(b, device, dtype) is None)
+    log.info("varlen attention on %s for %s: %s", device_type, dtype, choice)
     return choice
 
 
@@ -83,9 +90,11 @@ def varlen_attention(
         raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree in T or D, or Hq is not a multiple of Hkv")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    backend = select_backend(q.device.type)
+    backend = select_backend(q.device.type, q.dtype)
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
 

@@ -1,0 +1,213 @@
+"""Varlen attention: every backend that can run here against a float64 dense block-diagonal mask.
+
+On CPU only the reference can run; on a CUDA machine the same tests also cover flash-attn and
+torch's varlen_attn (each backend that is available there), so the GPU checks need no skip.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from kernels import attention, reference
+from tests.conftest import rel_err
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+AVAILABLE = [b for b in attention.BACKENDS if attention._available(b, DEVICE) is None]
+HALF_ONLY = {"flash", "torch_varlen"}  # fused kernels take fp16/bf16 only
+
+# 37 tokens with an empty sample, a one-token sample and odd lengths.
+LENGTHS = [5, 1, 0, 17, 14]
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def dense(q, k, v, lengths, scale=None):
+    """Attention over the whole stream under a block-diagonal causal mask, every op in q's dtype."""
+    T, Hq, D = q.shape
+    k, v = k.repeat_interleave(Hq // k.shape[1], dim=1), v.repeat_interleave(Hq // k.shape[1], dim=1)  # [T, Hq, D]
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [T]
+    pos = torch.arange(T)
+    allowed = (sample[:, None] == sample[None, :]) & (pos[None, :] <= pos[:, None])  # [T, T]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * (scale if scale is not None else D**-0.5)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def dense_reference(q, k, v, lengths, scale=None):
+    """The float64 ground truth."""
+    return dense(q.double(), k.double(), v.double(), lengths, scale)
+
+
+def _qkv(seed, hq=6, hkv=2, d=16, dtype=torch.float64, lengths=LENGTHS):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    return [torch.randn(T, h, d, generator=g, dtype=torch.float64).to(dtype) for h in (hq, hkv, hkv)]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """Force one backend for the test, through the same environment switch users have."""
+    monkeypatch.setenv("ATTENTION_BACKEND", request.param)
+    attention.select_backend.cache_clear()
+    yield request.param
+    attention.select_backend.cache_clear()
+
+
+@pytest.mark.parametrize("backend", AVAILABLE, indirect=True)
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4), (5, 1)], ids=["gqa3", "mha", "mqa"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_matches_dense_float64(backend, heads, scale):
+    dtype = torch.bfloat16 if backend in HALF_ONLY else torch.float64
+    q, k, v = (t.to(DEVICE) for t in _qkv(1, *heads, dtype=dtype))
+    got = attention.varlen_attention(q, k, v, _cu(LENGTHS).to(DEVICE), max(LENGTHS), scale)
+    want = dense_reference(q.cpu(), k.cpu(), v.cpu(), LENGTHS, scale)
+    assert got.shape == want.shape and got.dtype == dtype
+    if dtype == torch.float64:
+        assert rel_err(got.cpu(), want) < 1e-12
+    else:  # bf16: no worse than twice torch's own bf16 attention on the same rounded inputs
+        assert rel_err(got.cpu(), want) <= 2 * rel_err(dense(q.cpu(), k.cpu(), v.cpu(), LENGTHS, scale), want)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE, indirect=True)
+def test_gradients_match_dense_float64(backend):
+    dtype = torch.bfloat16 if backend in HALF_ONLY else torch.float64
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in _qkv(2, dtype=dtype))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = attention.varlen_attention(q, k, v, _cu(LENGTHS).to(DEVICE), max(LENGTHS))
+    out.backward(grad_out.to(DEVICE, dtype))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    dense_reference(q64, k64, v64, LENGTHS).backward(grad_out)
+    grads = {"dq": (q.grad, q64.grad), "dk": (k.grad, k64.grad), "dv": (v.grad, v64.grad)}
+    if dtype == torch.float64:
+        for name, (got, want) in grads.items():
+            assert rel_err(got.cpu(), want) < 1e-10, name
+    else:  # bf16: judged against torch's own bf16 attention's gradient error
+        qb, kb, vb = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+        dense(qb, kb, vb, LENGTHS).backward(grad_out.to(dtype))
+        theirs = {"dq": qb.grad, "dk": kb.grad, "dv": vb.grad}
+        for name, (got, want) in grads.items():
+            assert rel_err(got.cpu(), want) <= 2 * rel_err(theirs[name], want), name
+
+
+def test_bf16_reference_is_as_accurate_as_torch_bf16():
+    lengths = [37, 64, 1, 29]
+    q, k, v = _qkv(4, 8, 2, 64, lengths=lengths)
+    want = dense_reference(q, k, v, lengths)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    got = reference.varlen_attention(qb, kb, vb, _cu(lengths))
+    torch_bf16 = dense(qb, kb, vb, lengths)  # torch's own bf16 attention: every op in bf16
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) <= 2 * rel_err(torch_bf16, want)
+
+
+def test_samples_do_not_see_each_other():
+    q, k, v = _qkv(5)
+    cu = _cu(LENGTHS)
+    base = attention.varlen_attention(q, k, v, cu, max(LENGTHS))
+    k2, v2 = k.clone(), v.clone()
+    k2[6:23] += 1.0  # the 17-token sample's keys and values
+    v2[6:23] -= 2.0
+    changed = attention.varlen_attention(q, k2, v2, cu, max(LENGTHS))
+    outside = torch.ones(sum(LENGTHS), dtype=torch.bool)
+    outside[6:23] = False
+    assert torch.equal(changed[outside], base[outside])
+    assert not torch.allclose(changed[6:23], base[6:23])
+
+
+def test_all_empty_stream_and_empty_samples():
+    q, k, v = (torch.zeros(0, h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    out = attention.varlen_attention(q, k, v, torch.tensor([0, 0, 0], dtype=torch.int32), 0)
+    assert out.shape == (0, 4, 8)
+
+
+@pytest.mark.parametrize(
+    "shapes, cu_dtype, match",
+    [
+        (((37, 6, 16), (37, 2, 16), (37, 2, 16)), torch.int64, "int32"),
+        (((37, 6, 16), (37, 4, 16), (37, 4, 16)), torch.int32, "multiple"),
+        (((37, 6, 16), (36, 2, 16), (36, 2, 16)), torch.int32, "disagree"),
+        (((37, 6, 16), (37, 2, 8), (37, 2, 8)), torch.int32, "disagree"),
+        (((37, 96), (37, 2, 16), (37, 2, 16)), torch.int32, r"expected q \[T, Hq, D\]"),
+        (((37, 6, 16), (37, 2, 16), (37, 1, 16)), torch.int32, r"expected q \[T, Hq, D\]"),
+    ],
+)
+def test_bad_inputs_are_named(shapes, cu_dtype, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        attention.varlen_attention(q, k, v, _cu(LENGTHS).to(cu_dtype), max(LENGTHS))
+
+
+def test_mixed_dtypes_are_named():
+    q, k, v = _qkv(6)
+    with pytest.raises(ValueError, match="q, k, v must share a dtype; got torch.float64, torch.float64, torch.float32"):
+        attention.varlen_attention(q, k, v.float(), _cu(LENGTHS), max(LENGTHS))
+
+
+@pytest.fixture
+def fresh_selection(monkeypatch):
+    monkeypatch.delenv("ATTENTION_BACKEND", raising=False)
+    attention.select_backend.cache_clear()
+    yield monkeypatch
+    attention.select_backend.cache_clear()
+
+
+def test_cpu_selects_reference_and_logs_it(fresh_selection, caplog):
+    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        assert attention.select_backend("cpu") == "reference"
+    assert "varlen attention on cpu for torch.bfloat16: reference" in caplog.text
+
+
+def test_cuda_preference_order_follows_what_is_installed(fresh_selection):
+    """Decided without touching a GPU: flash when installed, else torch varlen, else reference."""
+    cuda = torch.device("cuda")
+    flash = attention._available("flash", cuda)
+    varlen = attention._available("torch_varlen", cuda)
+    want = "flash" if flash is None else "torch_varlen" if varlen is None else "reference"
+    assert attention.select_backend("cuda") == want
+    if flash is not None:
+        assert "flash-attn" in flash
+
+
+def test_full_precision_on_cuda_selects_reference(fresh_selection):
+    """The fused kernels take fp16/bf16 only: fp32 and fp64 (exactness runs) use the reference."""
+    assert attention.select_backend("cuda", torch.float32) == "reference"
+    assert attention.select_backend("cuda", torch.float64) == "reference"
+    fresh_selection.setenv("ATTENTION_BACKEND", "torch_varlen")
+    attention.select_backend.cache_clear()
+    with pytest.raises(RuntimeError, match="torch_varlen needs float16 or bfloat16 inputs, got torch.float32"):
+        attention.select_backend("cuda", torch.float32)
+
+
+@pytest.mark.parametrize("name", ["flash", "torch_varlen"])
+def test_named_backend_that_cannot_run_raises(fresh_selection, name):
+    fresh_selection.setenv("ATTENTION_BACKEND", name)
+    with pytest.raises(RuntimeError, match=f"ATTENTION_BACKEND={name} cannot run: {name} needs a CUDA device"):
+        attention.select_backend("cpu")
+
+
+def test_unknown_backend_name_lists_the_allowed(fresh_selection):
+    fresh_selection.setenv("ATTENTION_BACKEND", "xformers")
+    with pytest.raises(ValueError, match="ATTENTION_BACKEND='xformers'; allowed: flash, torch_varlen, reference"):
+        attention.select_backend("cpu")
+
+
+def test_model_attention_goes_through_varlen_attention(monkeypatch):
+    """The model's packed forward calls kernels.varlen_attention once per layer with the stream's bounds."""
+    from engine.model import ModelArgs, build_model
+
+    calls = []
+    real = attention.varlen_attention
+
+    def spy(q, k, v, cu_seqlens, max_seqlen, scale=None):
+        calls.append((cu_seqlens.tolist(), max_seqlen))
+        return real(q, k, v, cu_seqlens, max_seqlen, scale)
+
+    monkeypatch.setattr("kernels.varlen_attention", spy)
+    args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4, num_kv_heads=2)
+    model = build_model(args, device="cpu")
+    model.init_weights()
+    model(torch.arange(37) % 50, cu_seqlens=_cu(LENGTHS), max_seqlen=17)
+    assert calls == [([0, 5, 6, 6, 23, 37], 17)] * 3

@@ -1,0 +1,43 @@
+"""`python -m data.inspect`: its figures recomputed from what the loader actually hands out."""
+
+import re
+
+import pytest
+
+from data import inspect as data_inspect
+from data import synthetic
+from data.dataset import load_samples, resolve_tokenizer
+from data.loader import PackedLoader
+from engine.config import DataConfig
+
+
+def test_inspect_reports_what_training_will_see(capsys):
+    text = data_inspect.main(["--data", "synthetic", "--max-tokens", "280", "--tokens-per-microbatch", "2048", "--world-size", "3"])
+    assert capsys.readouterr().out.strip() == text
+    cfg = DataConfig(path="synthetic", max_tokens=280, tokens_per_microbatch=2048)
+    samples, report = load_samples(cfg, resolve_tokenizer(cfg))
+    assert report.overlong > 0  # the cutoff bites, so the count is exercised
+    assert f"over the cutoff of 280: {report.overlong} (drop: 0 truncated, {report.dropped} dropped)" in text
+    assert f"tokens per epoch: {report.tokens} ({report.label_tokens} supervised" in text
+    steps = [list(PackedLoader(samples, samples_per_step=32, tokens_per_microbatch=2048, epochs=1, world_size=3, rank=r)) for r in range(3)]
+    micro = [len(s[0].micro_batches) for s in zip(*steps)]
+    last = len(samples) - 32 * (len(micro) - 1)
+    assert f"steps per epoch: {len(micro)} of 32 samples (last: {last})" in text
+    efficiency = report.tokens / (3 * sum(micro) * 2048)
+    assert f"{sum(micro) / len(micro):.2f} micro-batches per rank per step, {efficiency:.1%} of token slots used" in text
+    assert f"passes per rank per epoch: {sum(micro)} packed, {sum(-(-len(s[0].sample_indices) // 3) for s in zip(*steps))} with one" in text
+    worst = max(s[0].imbalance for s in zip(*steps))
+    assert re.search(rf"worst {worst:.3f}$", text)
+    histogram = [line for line in text.splitlines() if re.match(r"^\s+\d+-\d+\s+\d+", line)]
+    assert sum(int(line.split()[1]) for line in histogram) == len(samples)
+
+
+def test_inspect_bad_input_is_one_clear_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(SystemExit, match=f"python -m data.inspect: data.tokenizer='{tmp_path / 'none'}' is not a folder"):
+        data_inspect.main(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "none")])
+    synthetic.byte_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    with pytest.raises(SystemExit, match=f"python -m data.inspect: {tmp_path / 'bad.jsonl'}:1: field 'solution' is missing"):
+        data_inspect.main(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "tok")])
+    with pytest.raises(SystemExit, match="data.tokens_per_microbatch=100 is smaller than data.max_tokens=200"):
+        data_inspect.main(["--data", "synthetic", "--max-tokens", "200", "--tokens-per-microbatch", "100"])
