@@ -45,21 +45,8 @@ def parse_args(argv: list[str]) -> Config:
     return load_config(argv[1], argv[2:])
 
 
-def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    source = cfg.data.tokenizer or cfg.model.path
-    if source:
-        return AutoTokenizer.from_pretrained(source)
-    if cfg.data.path == "synthetic":
-        from data.synthetic import byte_tokenizer
-
-        return byte_tokenizer()
-    raise ConfigError("data.tokenizer: a preset model with real data needs a tokenizer folder (set data.tokenizer)")
-
-
 def train(cfg: Config) -> None:
-    from data import load_samples
+    from data.dataset import load_samples, resolve_tokenizer
     from data.loader import PackedLoader
 
     d = init_distributed(cfg.train.device, cfg.parallel.dp_replicate)
@@ -68,9 +55,8 @@ def train(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = resolve_tokenizer(cfg.data, model_path=cfg.model.path)
     samples, report = load_samples(cfg.data, tokenizer)
-    log.info("data: %s", report)
     loader = PackedLoader(
         samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
         epochs=cfg.train.epochs, world_size=d.world_size, rank=d.dp_rank, seed=cfg.train.seed,
@@ -95,6 +81,8 @@ def train(cfg: Config) -> None:
         state = checkpointer.load(latest, model, optimizer)
         step, bad_steps = state["step"], state["bad_steps"]
         scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler does not restore these
+            group["lr"] = lr
         loader.load_state_dict(state["loader"])
         log.info("resumed from %s (step %d)", latest, step)
 
