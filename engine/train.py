@@ -143,6 +143,22 @@ def train(cfg: Config) -> None:
         log.info("exported the model to %s", out / "hf")
     dist.barrier()
     dist.destroy_process_group()
+    if cfg.eval.benchmarks and cfg.checkpoint.export_hf and d.is_main:
+        evaluate_export(cfg, out, d.device)
+
+
+def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
+    """Rank 0 alone, after the process group is gone: the other ranks never wait on a collective."""
+    from eval.run import LIMO_SYSTEM_PROMPT, evaluate_folder
+
+    log.info("evaluating %s on %s", out / "hf", ", ".join(cfg.eval.benchmarks))
+    evaluate_folder(
+        out / "hf", cfg.eval.benchmarks, out / "eval", device=device.type,
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+        samples=cfg.eval.samples or None, temperature=cfg.eval.temperature if cfg.eval.samples else None,
+        max_tokens=cfg.eval.max_tokens, limit=cfg.eval.limit or None,
+        system_prompt=cfg.data.system_prompt or LIMO_SYSTEM_PROMPT,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 GPQA_SEED = 0
+SYNTHETIC = "synthetic"  # the demo's held-out split, disjoint from its training problems
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,12 @@ def _hub_file(spec: str) -> Path:
 def load_benchmark(name: str, source: str | Path | None = None) -> Benchmark:
     """One of SUITE by name, from `source`: a folder in LIMO's layout (default ../shared/data/eval),
     a single local file, or a hub file `hf:owner/dataset/path[@revision]`."""
+    if name == SYNTHETIC:  # the demo's held-out problems: generated (data/synthetic.py), not read
+        from data.synthetic import heldout_split
+
+        return records_benchmark(SYNTHETIC, heldout_split())
     if name not in SUITE:
-        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(SUITE)}")
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(SUITE)}, {SYNTHETIC}")
     spec = SUITE[name]
     if isinstance(source, str) and source.startswith("hf:"):
         path = _hub_file(source)

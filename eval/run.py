@@ -120,6 +120,18 @@ def _regrade(bench: Benchmark, path: Path, done: dict, graders: ThreadPoolExecut
     return updated
 
 
+def evaluate_folder(model_dir: str | Path, names: Sequence[str], out_dir: str | Path, *, device: str, dtype: str,
+                    samples: int | None = None, temperature: float | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    limit: int | None = None, system_prompt: str = LIMO_SYSTEM_PROMPT, data: str | None = None) -> list[dict]:
+    """Evaluate an HF model folder with our sampler on benchmarks named as on the command line."""
+    from eval.sampler import LLM
+
+    benchmarks = parse_benchmarks(",".join(names), data, limit)
+    llm = LLM(str(model_dir), dtype=dtype, device=device, max_model_len=max_tokens + 4096)
+    return evaluate(llm, benchmarks, out_dir, samples=samples, temperature=temperature, max_tokens=max_tokens,
+                    system_prompt=system_prompt)
+
+
 # ------------------------------------------------------------------------------------------
 # Command line
 
