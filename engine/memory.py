@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
+
+import torch
 
 from engine.config import Config, ConfigError, load_config
 from engine.model import PRESETS, ModelArgs
@@ -65,8 +68,19 @@ def layer_activation_bytes_per_token(args: ModelArgs, compute_bytes: int) -> int
     return elements * compute_bytes + fp32 * 4
 
 
-def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: float) -> MemoryPlan:
-    """The per-GPU peak of `cfg` for a model of `args` on `world_size` GPUs."""
+def device_capacity_gib(device: torch.device) -> tuple[float, float]:
+    """(memory of the device, what lives outside PyTorch's allocator) in GiB.
+
+    On CPU the processes of one node share its RAM, and there is no CUDA runtime to set aside.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB, RUNTIME_RESERVED_GIB
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return host / int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 0.0
+
+
+def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: float, reserved_gib: float = RUNTIME_RESERVED_GIB) -> MemoryPlan:
+    """The per-GPU peak of `cfg` for a model of `args` on `world_size` GPUs of `capacity_gib`."""
     p = cfg.parallel
     if world_size % p.dp_replicate:
         raise ConfigError(f"parallel.dp_replicate={p.dp_replicate} does not divide the world size {world_size}")
@@ -129,7 +143,7 @@ def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: flo
     parts["allocator"] = FRAGMENTATION * sum(parts.values())
     breakdown = {k: v / GIB for k, v in parts.items()}
     peak = sum(breakdown.values())
-    usable = capacity_gib - RUNTIME_RESERVED_GIB
+    usable = capacity_gib - reserved_gib
     return MemoryPlan(peak_gib=peak, capacity_gib=usable, fits=peak <= usable, moment=moment, breakdown=breakdown)
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import kernels
 from engine.checkpoint import Checkpointer, crash_point, export_hf
 from engine.config import Config, ConfigError, describe_keys, load_config
+from engine.memory import device_capacity_gib, plan_memory
 from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops, step_flops_torchtitan
 from engine.model import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
@@ -67,6 +68,13 @@ def train(cfg: Config) -> None:
     args = hf.args if hf else PRESETS[cfg.model.preset]
     if len(tokenizer) > args.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}")
+    plan = plan_memory(cfg, args, d.world_size, *device_capacity_gib(d.device))
+    log.info("memory plan per rank (%s):\n%s", d.device.type, plan.report())
+    if not plan.fits and cfg.train.memory_check:
+        raise RuntimeError(
+            f"the memory planner puts this run at {plan.peak_gib:.1f} GiB per rank, over the {plan.capacity_gib:.1f} GiB "
+            f"usable (python -m engine.memory --config ... shows the breakdown); run anyway with --train.memory_check=false"
+        )
     dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
     model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
     parallelize(model, d.mesh, cfg.parallel, param_dtype=dtype)

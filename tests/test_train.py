@@ -131,3 +131,10 @@ def test_help_lists_the_command_line_contract():
     for key in ("--model.path", "--model.preset", "--data.path", "--train.output_dir", "--train.max_steps", "--train.seed",
                 "--train.dtype", "--checkpoint.every_steps"):
         assert key in proc.stdout
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_the_model_is_built(tmp_path):
+    proc = train(tmp_path / "big", 1, "--model.preset=qwen2.5-32b", check=False)
+    assert proc.returncode != 0
+    assert "the memory planner puts this run at" in proc.stderr and "--train.memory_check=false" in proc.stderr
+    assert not (tmp_path / "big" / "metrics.jsonl").exists()
