@@ -31,5 +31,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The CI regression profile: deterministic CPU figures against the committed baseline. On a GPU,
+# also the kernel benchmarks' timings against benchmarks/results/<device>.json when one exists.
+bench-ci: $(STAMP)
+	$(PY) -m benchmarks.regression --out runs/bench-ci/regression.json
+	$(PY) -m benchmarks.compare runs/bench-ci/regression.json benchmarks/results/ci-baseline.json
+
 clean:
 	rm -rf runs .pytest_cache

@@ -46,6 +46,26 @@ def parse_args(argv: list[str]) -> Config:
     return load_config(argv[1], argv[2:])
 
 
+def train_step(model: torch.nn.Module, batch, device: torch.device, max_grad_norm: float) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm).
+
+    Each micro-batch's summed loss is divided by the supervised tokens of the whole global batch,
+    so gradients add up over micro-batches and ranks to the gradient of the global mean. The
+    step's one host sync reads both numbers together.
+    """
+    loss_sum = torch.zeros((), device=device)
+    divisor = max(batch.num_label_tokens, 1)
+    for mb in batch.micro_batches:
+        mb = mb.to(device)
+        loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
+        (loss / divisor).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    dist.all_reduce(loss_sum)
+    loss_value, norm_value = torch.stack([loss_sum / divisor, grad_norm.full_tensor()]).tolist()  # host sync
+    return loss_value, norm_value
+
+
 def train(cfg: Config) -> None:
     from data.dataset import load_samples, resolve_tokenizer
     from data.loader import PackedLoader
@@ -103,16 +123,7 @@ def train(cfg: Config) -> None:
     last_sync = time.perf_counter()
     model.train()
     for batch in loader if step < total_steps else ():
-        loss_sum = torch.zeros((), device=d.device)
-        divisor = max(batch.num_label_tokens, 1)  # supervised tokens of the whole global batch
-        for mb in batch.micro_batches:
-            mb = mb.to(d.device)
-            loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
-            (loss / divisor).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-        dist.all_reduce(loss_sum)
-        loss_value, norm_value = torch.stack([loss_sum / divisor, grad_norm.full_tensor()]).tolist()  # host sync: the step's only one
+        loss_value, norm_value = train_step(model, batch, d.device, cfg.train.max_grad_norm)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             optimizer.step()
             bad_steps = 0

@@ -9,51 +9,21 @@ import torch
 
 from engine.config import load_config
 from engine.memory import H100_80GB_GIB, layer_activation_bytes_per_token, plan_memory
-from engine.model import PRESETS, ModelArgs, VarlenContext, build_model
+from benchmarks.regression import activation_bytes_per_token_layer
+from engine.model import PRESETS, ModelArgs
 from tests.conftest import ROOT
 
 
-class _FlashContract(VarlenContext):
-    """Attention whose saved tensors are flash-attn's contract (q, k, v, out, an fp32 lse per
-    head) instead of what the CPU reference happens to save. `seen` maps storage -> bytes, so
-    a tensor saved twice (out, and o_proj's view of it) counts once."""
-
-    def __init__(self, cu_seqlens, max_seqlen, seen):
-        super().__init__(cu_seqlens, max_seqlen)
-        self.seen = seen
-
-    def attention(self, layer, q, k, v):
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # hide the reference's own
-            out = super().attention(layer, q, k, v)
-        for t in (q, k, v, out):
-            self.seen[t.data_ptr()] = t
-        self.seen["lse"] = torch.empty(q.shape[:2], dtype=torch.float32)
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_layer_activations_match_saved_tensor_hooks(dtype):
-    args = ModelArgs(vocab_size=96, hidden_size=64, intermediate_size=176, num_layers=1, num_heads=4, num_kv_heads=2)
-    model = build_model(args, device="cpu", dtype=dtype)
-    model.init_weights()
-    T = 37
-    h = torch.randn(T, args.hidden_size, dtype=dtype, requires_grad=True)
-    from engine.model import rotary_cos_sin
-
-    cos, sin = rotary_cos_sin(torch.arange(T), args.head_dim, args.rope_theta, dtype)
-    seen: dict[int | str, torch.Tensor] = {}  # storage -> tensor, held so no address is reused while counting
-    ctx = _FlashContract(torch.tensor([0, T], dtype=torch.int32), T, seen)
-
-    def pack(t):
-        if t.data_ptr() not in seen and not isinstance(t, torch.nn.Parameter) and t.shape[:1] == (T,):
-            seen[t.data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model.layers[0](h, cos, sin, ctx)  # noqa: F841 (keeps the graph, and what it saved, alive)
-    cos_sin = 2 * T * args.head_dim * dtype.itemsize  # shared by every layer, not per layer
-    measured = sum(t.numel() * t.element_size() for t in seen.values()) - cos_sin
-    assert measured == layer_activation_bytes_per_token(args, dtype.itemsize) * T
+def test_layer_activations_match_what_autograd_keeps_alive(dtype):
+    """The planner's per-layer bytes equal the storages a forward leaves alive for backward,
+    counted by benchmarks/regression.py (attention kept as flash-attn keeps it), odd sizes."""
+    args = ModelArgs(vocab_size=96, hidden_size=40, intermediate_size=77, num_layers=2, num_heads=5, num_kv_heads=1)
+    lengths = [37, 11, 23]
+    measured = activation_bytes_per_token_layer(args, lengths, checkpointing=False, dtype=dtype)
+    assert measured == layer_activation_bytes_per_token(args, dtype.itemsize)
+    # With checkpointing a layer keeps only its input.
+    assert activation_bytes_per_token_layer(args, lengths, checkpointing=True, dtype=dtype) == args.hidden_size * dtype.itemsize
 
 
 def test_breakdown_sums_to_the_peak_and_the_limo_recipe_fits():

@@ -1,0 +1,95 @@
+"""Hold a run's figures against a committed baseline; exit 1 and name every figure that moved.
+
+    python -m benchmarks.compare RESULTS BASELINE [--tolerance 0.10]
+
+Two kinds of file:
+  regression figures  {"figures": {name: value}} from benchmarks/regression.py, against
+                      {"figures": {name: {"value": v, "rule": "equal" | "max" | "min", "tolerance": t}}}:
+                      "equal" must stay within t (relative), "max" must not grow past v (1 + t),
+                      "min" must not fall below v (1 - t).
+  timing records      {"records": [{"key", "ms", ...}]} from the benchmark harness, against the
+                      same kind of file from the same device: each key's median ms may not grow
+                      past the baseline's by more than --tolerance. Records that could not run
+                      ("unavailable"/"error") are reported, not compared.
+A figure better than its baseline passes, with a note to update the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def compare_figures(results: dict, baseline: dict) -> tuple[list[str], list[str]]:
+    """(regressions, notes) for regression-profile figures."""
+    regressions, notes = [], []
+    for name, spec in baseline["figures"].items():
+        if name not in results["figures"]:
+            regressions.append(f"{name}: missing from the results")
+            continue
+        got, want, tol, rule = results["figures"][name], spec["value"], spec.get("tolerance", 0.0), spec["rule"]
+        scale = max(abs(want), 1e-12)
+        if rule == "equal":
+            moved = abs(got - want) > tol * scale
+        elif rule == "max":
+            moved = got > want + tol * scale
+            if got < want - tol * scale:
+                notes.append(f"{name}: {got:.6g} is below the baseline {want:.6g}: better; update the baseline")
+        elif rule == "min":
+            moved = got < want - tol * scale
+            if got > want + tol * scale:
+                notes.append(f"{name}: {got:.6g} is above the baseline {want:.6g}: better; update the baseline")
+        else:
+            raise ValueError(f"baseline figure {name}: unknown rule {rule!r} (equal, max, min)")
+        if moved:
+            regressions.append(f"{name}: {got:.6g}, baseline {want:.6g} ({rule}, tolerance {tol:g})")
+    for name in sorted(set(results["figures"]) - set(baseline["figures"])):
+        notes.append(f"{name}: not in the baseline (value {results['figures'][name]:.6g})")
+    return regressions, notes
+
+
+def compare_records(results: dict, baseline: dict, tolerance: float) -> tuple[list[str], list[str]]:
+    """(regressions, notes) for timing records of one device."""
+    if results.get("device") != baseline.get("device"):
+        raise ValueError(f"results are from {results.get('device')!r}, the baseline from {baseline.get('device')!r}: "
+                         "timings compare only on the same device")
+    regressions, notes = [], []
+    base = {r["key"]: r for r in baseline["records"] if r.get("ms") is not None}
+    for r in results["records"]:
+        if r.get("ms") is None:
+            notes.append(f"{r['key']}: {r.get('status', 'no timing')}")
+            continue
+        if r["key"] not in base:
+            notes.append(f"{r['key']}: {r['ms']:.4g} ms, not in the baseline")
+            continue
+        want = base[r["key"]]["ms"]
+        if r["ms"] > want * (1 + tolerance):
+            regressions.append(f"{r['key']}: {r['ms']:.4g} ms, baseline {want:.4g} ms (+{r['ms'] / want - 1:.0%})")
+        elif r["ms"] < want * (1 - tolerance):
+            notes.append(f"{r['key']}: {r['ms']:.4g} ms, {1 - r['ms'] / want:.0%} faster than the baseline; update it")
+    return regressions, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path)
+    p.add_argument("baseline", type=Path)
+    p.add_argument("--tolerance", type=float, default=0.10, help="timing records: allowed slowdown (default 0.10)")
+    args = p.parse_args(argv)
+    results, baseline = (json.loads(f.read_text()) for f in (args.results, args.baseline))
+    if "figures" in baseline:
+        regressions, notes = compare_figures(results, baseline)
+    else:
+        regressions, notes = compare_records(results, baseline, args.tolerance)
+    for line in notes:
+        print(f"  note: {line}")
+    for line in regressions:
+        print(f"  REGRESSION {line}")
+    print(f"{args.results} vs {args.baseline}: {len(regressions)} regression(s)")
+    return 1 if regressions else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

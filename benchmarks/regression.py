@@ -1,0 +1,295 @@
+"""The CI regression profile: deterministic figures measured on CPU, held against a baseline.
+
+    python -m benchmarks.regression [--out FILE]      # measure, print, write JSON
+    make bench-ci                                     # measure, then benchmarks/compare.py vs the baseline
+
+Timings on a shared 2-core CI machine are noise; these figures are not. Each is a property of
+the code that a careless change moves:
+  dense_flops_ratio          matmul FLOPs of a training step (torch.utils.flop_counter) over the
+                             analytic 6 x non-embedding params x tokens (biases and norms make it < 1)
+  attention_flops_ratio      attention FLOPs counted over the causal formula; the counter charges
+                             the masked half of each sample, so 2.0 means "per sample, causal"
+  saved_bytes_per_token_layer_{none,full}  bytes one layer keeps alive for backward per token
+                             (bf16, attention as flash-attn keeps it), without and with checkpointing
+  planner_activation_error   |measured - engine.memory's model| / measured, without checkpointing
+  logits_peak_fraction       the fused cross-entropy's largest live [*, V] bytes over full logits,
+                             forward + backward, with the chunk budget forcing 8 chunks
+  host_syncs_per_step        scalar reads (.item(), bool(t), .tolist()) in one FSDP training step on
+                             two micro-batches on CPU, outside kernels/reference.py (CPU-only); the
+                             JSON lists each site. Expected: the step's one read of (loss, grad
+                             norm), plus the fused CE's target-range check, which runs on CPU only
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run in the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import traceback  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import kernels  # noqa: E402
+from engine.memory import layer_activation_bytes_per_token  # noqa: E402
+from engine.metrics import step_flops  # noqa: E402
+from engine.model import PRESETS, ModelArgs, build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LENGTHS = [100, 37, 200, 175]  # one packed micro-batch of four samples
+ARGS = ModelArgs(vocab_size=1003, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _packed(args: ModelArgs, lengths: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    ids = torch.randint(0, args.vocab_size, (sum(lengths),), generator=g)
+    labels = ids.roll(-1)
+    labels[cu[1:].long() - 1] = -100  # no sample predicts the next one's first token
+    return ids, labels, cu
+
+
+def flop_ratios() -> dict[str, float]:
+    """Counted over analytic FLOPs of one forward + backward of the tiny preset.
+
+    On the torch kernels: the flop counter does not see in-place `addmm_`, which the Triton
+    cross-entropy uses on CPU to accumulate dweight.
+    """
+    args = PRESETS["tiny"]
+    model = build_model(args, device="cpu")
+    model.init_weights()
+    ids, labels, cu = _packed(args, LENGTHS)
+    counter = FlopCounterMode(display=False)
+    previous = kernels.backend("cpu")
+    kernels.set_backend("torch")
+    try:
+        with counter:
+            model(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS), labels=labels).backward()
+    finally:
+        kernels.set_backend(previous)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    dense = counts.get("aten.mm", 0) + counts.get("aten.addmm", 0)
+    analytic_dense = 6 * args.num_params(embeddings=False) * sum(LENGTHS)
+    analytic_attention = step_flops(args, LENGTHS) - analytic_dense
+    return {"dense_flops_ratio": dense / analytic_dense, "attention_flops_ratio": counts.get("aten.bmm", 0) / analytic_attention}
+
+
+class _FlashLike(torch.autograd.Function):
+    """Attention that keeps what flash-attn keeps for backward (q, k, v, out, an fp32 lse per
+    head) and recomputes the rest, so live-memory figures mean what they mean on a GPU."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, inner):
+        with torch.no_grad():
+            out = inner.attention(0, q, k, v)
+        lse = torch.zeros(q.shape[:2], dtype=torch.float32)
+        ctx.inner = inner
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            out = ctx.inner.attention(0, q, k, v)
+        return (*torch.autograd.grad(out, (q, k, v), grad), None)
+
+
+class _FlashLikeContext:
+    def __init__(self, cu, max_seqlen):
+        from engine.model import VarlenContext
+
+        self.inner = VarlenContext(cu, max_seqlen)
+
+    def attention(self, layer, q, k, v):
+        return _FlashLike.apply(q, k, v, self.inner)
+
+
+def activation_bytes_per_token_layer(args: ModelArgs, lengths: list[int], checkpointing: bool, dtype=torch.bfloat16) -> float:
+    """Bytes the decoder layers keep alive for backward, per token per layer, after a forward.
+
+    Every tensor made during the forward is tracked; what is still alive at its end (the output
+    aside, the input added) is what backward will read: saved activations without
+    checkpointing, each layer's input with it.
+    """
+    import gc
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from engine.model import rotary_cos_sin
+
+    model = build_model(args, device="cpu", dtype=dtype)
+    model.init_weights()
+    if checkpointing:
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    T = sum(lengths)
+    _, _, cu = _packed(args, lengths)
+    h = torch.randn(T, args.hidden_size, dtype=dtype, requires_grad=True)
+    cos, sin = rotary_cos_sin(torch.arange(T), args.head_dim, args.rope_theta, dtype)
+    ctx = _FlashLikeContext(cu, max(lengths))
+    made: list[tuple[int, int, int]] = []  # (storage weak reference, address, bytes) of every output
+
+    class Track(TorchDispatchMode):
+        # Storage-level weak references: autograd may keep a saved tensor's storage after its
+        # Python tensor object is gone, so tensor weakrefs would undercount.
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
+            out = func(*args_, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    made.append((storage._weak_ref(), storage.data_ptr(), storage.nbytes()))
+            return out
+
+    with Track():
+        x = h
+        for layer in model.layers:
+            x = layer(x, cos, sin, ctx)
+    gc.collect()
+    before = {t.untyped_storage().data_ptr() for t in (h, cos, sin, *model.parameters())}  # views of these are not new
+    alive = sum({ptr: n for ref, ptr, n in made if ptr not in before and not torch.UntypedStorage._expired(ref)}.values())
+    for ref, _, _ in made:
+        torch.UntypedStorage._free_weak_ref(ref)
+    # The tracked output is not an activation; the untracked input h is one (layer 0 keeps it).
+    kept = alive - x.untyped_storage().nbytes() + h.untyped_storage().nbytes()
+    return kept / T / args.num_layers
+
+
+def logits_peak_fraction() -> float:
+    """Peak live bytes of [*, V] tensors in the Triton fused CE (fwd + bwd), over the full logits."""
+    import kernels.cross_entropy as ce
+
+    if kernels.backend("cpu") != "triton":
+        raise RuntimeError("logits_peak_fraction needs the Triton kernels (TRITON_INTERPRET=1 on CPU)")
+    T, H, V = 2048, 32, 1003
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (T,), generator=g)
+    logits: dict[int, tuple[int, int]] = {}  # address -> (storage weak reference, bytes)
+    peak = 0
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal peak
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == V and t.shape[0] != V:
+                    storage = t.untyped_storage()
+                    logits.setdefault(storage.data_ptr(), (storage._weak_ref(), storage.nbytes()))
+            for ptr, (ref, _) in list(logits.items()):
+                if torch.UntypedStorage._expired(ref):
+                    torch.UntypedStorage._free_weak_ref(logits.pop(ptr)[0])
+            peak = max(peak, sum(n for _, n in logits.values()))
+            return out
+
+    chunk = ce.chunk_tokens(T, V, torch.float32, budget_bytes=T * V * 4 // 8)  # eight chunks
+    with Track():
+        ce.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk).backward()
+    for ref, _ in logits.values():
+        torch.UntypedStorage._free_weak_ref(ref)
+    return peak / (T * V * 4)
+
+
+@contextmanager
+def _count_host_syncs(counts: list[str]):
+    """Record every scalar read (.item(), float(t), bool(t), .tolist()) outside kernels/reference.py."""
+
+    def where() -> str:
+        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename and "regression.py" not in f.filename]
+        return f"{Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno}" if frames else "?"
+
+    class Scalars(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                counts.append(where())
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        counts.append(where())
+        return tolist(self)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with Scalars():
+            yield
+    finally:
+        torch.Tensor.tolist = tolist
+
+
+def host_syncs_per_step() -> tuple[int, list[str]]:
+    """Scalar reads in one training step (FSDP on a one-process group, two micro-batches)."""
+    import torch.distributed as dist
+
+    from data.dataset import EncodedSample
+    from data.packing import build_step
+    from engine.config import ParallelConfig
+    from engine.parallel import init_distributed, materialize, parallelize
+    from engine.train import train_step
+
+    d = init_distributed("cpu", 1)
+    try:
+        model = build_model(ARGS, device="meta")
+        parallelize(model, d.mesh, ParallelConfig(activation_checkpointing="full"), param_dtype=torch.float32)
+        materialize(model, d.device, seed=0)
+        g = torch.Generator().manual_seed(0)
+        samples = []
+        for i, n in enumerate(LENGTHS):
+            ids = torch.randint(0, ARGS.vocab_size, (n,), generator=g, dtype=torch.int32)
+            labels = ids.clone()
+            labels[: n // 3] = -100
+            samples.append(EncodedSample(ids, labels, i))
+        batch = build_step(samples, world_size=1, rank=0, budget=300, epoch=0, step=0)
+        assert len(batch.micro_batches) >= 2, "the profile must accumulate over micro-batches"
+        counts: list[str] = []
+        with _count_host_syncs(counts):
+            train_step(model, batch, d.device, max_grad_norm=1.0)
+        outside = [c for c in counts if not c.startswith("kernels/reference.py")]
+        return len(outside), outside
+    finally:
+        dist.destroy_process_group()
+
+
+def measure() -> dict:
+    figures = flop_ratios()
+    none = activation_bytes_per_token_layer(ARGS, LENGTHS, checkpointing=False)
+    full = activation_bytes_per_token_layer(ARGS, LENGTHS, checkpointing=True)
+    model_bytes = layer_activation_bytes_per_token(ARGS, 2)
+    figures.update(
+        saved_bytes_per_token_layer_none=none,
+        saved_bytes_per_token_layer_full=full,
+        planner_activation_error=abs(none - model_bytes) / none,
+        logits_peak_fraction=logits_peak_fraction(),
+    )
+    syncs, where = host_syncs_per_step()
+    figures["host_syncs_per_step"] = syncs
+    return {"figures": figures, "host_sync_sites": where}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.regression", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    result = measure()
+    for name, value in result["figures"].items():
+        print(f"  {name:<36} {value:.6g}")
+    print(f"  host syncs at: {', '.join(result['host_sync_sites'])}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
