@@ -129,7 +129,8 @@ def _median_pair(run, new_tokens: int, reps: int, device: torch.device) -> tuple
 def _records(provider: str, sweep: Sweep, batch: int, n: int, t_long: float, t_short: float, ceilings: dict) -> list[Record]:
     itemsize = DTYPES[sweep.dtype].itemsize
     case = {"batch": batch, "prompt": sweep.prompt, "new_tokens": n}
-    pre = Record("sampler", case, "prefill", provider, work=asdict(Work(flops=int(prefill_flops(sweep.args, batch, sweep.prompt)), bound="compute")))
+    flops = int(prefill_flops(sweep.args, batch, sweep.prompt))
+    pre = Record("sampler", case, "prefill", provider, work=asdict(Work(flops=flops, bound="compute")))
     pre.median_ms = t_short * 1e3
     pre.tflops = pre.work["flops"] / pre.median_ms / 1e9
     pre.fraction_of_ceiling = pre.tflops / ceilings["matmul_tflops"]
@@ -148,7 +149,10 @@ def _records(provider: str, sweep: Sweep, batch: int, n: int, t_long: float, t_s
     return [pre, dec]
 
 
-def run_ours(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch.device, ceilings: dict, log) -> tuple[list[Record], list[int]]:
+Run = tuple[list[Record], list[int]]  # the records, and the first prompt's greedy tokens
+
+
+def run_ours(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch.device, ceilings: dict, log) -> Run:
     from eval.sampler import LLM, SamplingParams
 
     longest = sweep.prompt + sweep.new_tokens
@@ -169,7 +173,7 @@ def run_ours(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch
     return records, first
 
 
-def run_transformers(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch.device, ceilings: dict, log) -> tuple[list[Record], list[int]]:
+def run_transformers(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch.device, ceilings: dict, log) -> Run:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[sweep.dtype]).to(device).eval()
@@ -179,7 +183,8 @@ def run_transformers(folder: Path, sweep: Sweep, prompts: list[list[int]], devic
 
         def run(n, ids=ids):
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                     pad_token_id=0)  # fmt: skip
             return out[0, ids.shape[1] :].tolist()
 
         t_long, t_short, tokens = _median_pair(run, sweep.hf_new_tokens, sweep.reps, device)
@@ -200,9 +205,10 @@ def compare(records: list[Record]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_sampler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", choices=sorted(SWEEPS), default="full", help="named sweep (default: full): " + "; ".join(
-        f"{k}: {s.args.num_layers} layers x {s.args.hidden_size}, batches {','.join(map(str, s.batches))}" for k, s in SWEEPS.items()))  # fmt: skip
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_sampler", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sweeps = "; ".join(f"{k}: {s.args.num_layers} layers x {s.args.hidden_size}, batches {s.batches}" for k, s in SWEEPS.items())
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default="full", help=f"named sweep (default: full): {sweeps}")
     p.add_argument("--batches", default="", help="comma-separated subset of the sweep's batch sizes")
     p.add_argument("--providers", default="ours,transformers", help="comma-separated subset of ours,transformers")
     p.add_argument("--kernels", choices=kernels.BACKENDS, default="auto", help="kernel backend of our sampler (default: auto)")
@@ -216,14 +222,23 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"batches {list(batches)} must be among {list(sweep.batches)}; providers {providers} among ours,transformers")
     sweep = replace(sweep, batches=batches)
     device = torch.device(args.device)
-    kernels.set_backend(args.kernels)
-    model_args = replace(sweep.args, eos_token_id=None, max_position_embeddings=max(sweep.args.max_position_embeddings, 4096))
+    model_args = replace(sweep.args, eos_token_id=None)  # no EOS: every sample runs to max_tokens, in both samplers
     sweep = replace(sweep, args=model_args)
+    kernels.set_backend(args.kernels)
+    command = "python -m benchmarks.bench_sampler " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args, sweep, providers, device, command)
+    finally:
+        kernels.set_backend("auto")
+
+
+def _run(args: argparse.Namespace, sweep: Sweep, providers: list[str], device: torch.device, command: str) -> int:
+    model_args, batches = sweep.args, sweep.batches
     itemsize = DTYPES[sweep.dtype].itemsize
     header = {
         "schema": SCHEMA, "bench": "sampler", "sweep": args.sweep,
-        "command": "python -m benchmarks.bench_sampler " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": environment(device), "ceilings": measure_ceilings(device), "kernels": kernels.backend(device.type),
+        "command": command, "environment": environment(device), "ceilings": measure_ceilings(device),
+        "kernels": kernels.backend(device.type),
         "model": {k: v for k, v in asdict(model_args).items() if k not in ("bos_token_id", "eos_token_id")}, "dtype": sweep.dtype,
         "prompt": sweep.prompt, "new_tokens": sweep.new_tokens, "hf_new_tokens": sweep.hf_new_tokens, "reps": sweep.reps,
         "weight_bytes": decode_weight_bytes(model_args, itemsize, 0), "kv_bytes_per_token": kv_bytes_per_token(model_args, itemsize),

@@ -23,7 +23,6 @@ benchmarks/project.py scales to 64 layers for the LIMO projection.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import math
 import os
@@ -38,9 +37,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kernels
 from benchmarks import lengths as length_dist
 from benchmarks.harness import SCHEMA, Record, Unavailable, environment, measure_ceilings, write_json
+from benchmarks.kernel_choice import kernel_choice
 from data.dataset import EncodedSample
 from data.packing import MicroBatch, pack, plan
 from engine.config import Config, load_config
@@ -52,7 +51,6 @@ from engine.parallel import Distributed, init_distributed, parallelize
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "limo_qwen2.5_32b_8xh100.toml"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-KERNELS = ("triton", "torch", "liger")
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,8 @@ class Sweep:
     configs: tuple[StepConfig, ...]
 
 
-_SMOKE_ARGS = ModelArgs(vocab_size=203, hidden_size=48, intermediate_size=100, num_layers=1, num_heads=6, num_kv_heads=2, rope_theta=10_000.0)
+_SMOKE_ARGS = ModelArgs(vocab_size=203, hidden_size=48, intermediate_size=100, num_layers=1, num_heads=6, num_kv_heads=2,
+                        rope_theta=10_000.0)  # fmt: skip
 SWEEPS = {
     "full": Sweep(PRESETS["qwen2.5-32b"], 16384, 2, "bfloat16", 2, 3, (
         StepConfig(2), StepConfig(4),  # the recipe, at two depths: the per-layer fit the projection uses
@@ -139,65 +138,6 @@ def recipe_config(sweep: Sweep, config: StepConfig) -> Config:
         f"--parallel.activation_checkpointing={config.ac}", f"--parallel.compile={config.compile}",
         f"--optim.state_dtype={config.state_dtype}",
     ])  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels: ours (Triton), the torch references, or Liger's swapped in
-
-
-def liger_ops(device: torch.device):
-    """Liger-Kernel's RMSNorm (Qwen2's "llama" casting) and fused linear cross-entropy (fp32
-    weight-gradient accumulation, as ours), behind the signatures of kernels.rmsnorm and
-    kernels.fused_linear_cross_entropy."""
-    if device.type != "cuda":
-        raise Unavailable("Liger's kernels run on CUDA only (they fail in Triton's CPU interpreter)")
-    try:
-        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-    except ImportError as e:
-        raise Unavailable(f"liger-kernel is not installed ({e})") from None
-
-    def rmsnorm(x, weight, eps, residual=None):
-        if residual is None:
-            return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama")
-        return LigerFusedAddRMSNormFunction.apply(x, residual, weight, eps, 0.0, "llama")  # (y, x + residual)
-
-    def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="sum", z_loss=0.0):
-        if z_loss:
-            raise ValueError("the Liger swap implements z_loss=0 only")
-        # (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing,
-        #  reduction, softcap, return_z_loss, accum_dtype) -> (loss, ...)
-        return LigerFusedLinearCrossEntropyFunction.apply(
-            hidden, weight, targets, None, None, ignore_index, 0.0, 0.0, reduction, None, False, torch.float32
-        )[0]
-
-    return rmsnorm, fused_linear_cross_entropy
-
-
-@contextlib.contextmanager
-def kernel_choice(name: str, device: torch.device, liger=liger_ops):
-    """Run the model on `name`'s RMSNorm and cross-entropy; the engine's choice is restored after."""
-    if name not in KERNELS:
-        raise ValueError(f"kernels={name!r}; allowed: {', '.join(KERNELS)}")
-    if os.environ.get("KERNELS_BACKEND"):
-        raise RuntimeError(f"KERNELS_BACKEND={os.environ['KERNELS_BACKEND']} is set and would override the kernels ablation: unset it")
-    if name == "liger":
-        rmsnorm, flce = liger(device)
-        saved = kernels.rmsnorm, kernels.fused_linear_cross_entropy
-        kernels.rmsnorm, kernels.fused_linear_cross_entropy = rmsnorm, flce  # model.py looks these up at call time
-        try:
-            yield
-        finally:
-            kernels.rmsnorm, kernels.fused_linear_cross_entropy = saved
-        return
-    try:
-        kernels.set_backend(name)
-        if kernels.backend(device.type) != name:
-            raise RuntimeError(f"asked for kernel backend {name!r} on {device.type}, got {kernels.backend(device.type)!r}")
-        yield
-    finally:
-        kernels.set_backend("auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +334,8 @@ def _row(r: Record) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--sweep", choices=sorted(SWEEPS), default="full", help="named sweep (default: full)")
     p.add_argument("--configs", default="", help="comma-separated subset of the sweep's config names (default: all); "
                    + "; ".join(f"{k}: {','.join(c.name for c in s.configs)}" for k, s in SWEEPS.items()))  # fmt: skip

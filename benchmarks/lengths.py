@@ -92,7 +92,7 @@ def load(path: Path = DATA_FILE) -> list[int]:
     try:
         payload = json.loads(path.read_text())
         lengths = [n for per_source in payload["lengths"].values() for n in per_source]
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a length distribution written by `python -m benchmarks.lengths --write` ({e!r})") from None
     bad = [n for n in lengths if not isinstance(n, int) or n < 1]
     if not lengths or bad:
@@ -109,7 +109,8 @@ def draw(count: int, seed: int, cap: int = LIMO_CUTOFF, scale: float = 1.0, leng
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lengths", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lengths", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--shared", type=Path, default=SHARED, help="the shared folder (default: ../shared beside the repo)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help=f"derive and write {DATA_FILE.relative_to(ROOT)}")

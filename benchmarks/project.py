@@ -99,7 +99,8 @@ def load_results(path: Path) -> dict:
     section = payload.get("train_step", payload)
     missing = [k for k in ("model", "fits", "environment") if k not in section]
     if missing:
-        raise MissingMeasurements(f"{path}: no train-step measurements (missing keys {missing}); it must come from bench_train_step or benchmarks.summary")
+        raise MissingMeasurements(f"{path}: no train-step measurements (missing keys {missing}); "
+                                  "it must come from bench_train_step or benchmarks.summary")
     return section
 
 
@@ -120,7 +121,8 @@ def choose_fit(section: dict, group: str | None = None, world_size: int = 8) -> 
     fits = section["fits"]
     if not fits:
         statuses = {r["extra"].get("name", r["key"]): r["status"] for r in section.get("records", [])}
-        raise MissingMeasurements(f"no per-layer fit: one config must run ok at two depths (config statuses: {statuses or 'none recorded'})")
+        raise MissingMeasurements(f"no per-layer fit: one config must run ok at two depths "
+                                  f"(config statuses: {statuses or 'none recorded'})")
     for f in fits:
         absent = [k for k in FIT_KEYS if k not in f]
         if absent:
@@ -210,7 +212,8 @@ def report(p: Projection, section: dict, recipe: Recipe, nvlink_gbps: float, anc
     params = TARGET.num_params()
     lines = [
         f"LIMO recipe on one {recipe.world_size} x H100 node, projected from {p.device} (commit {env.get('commit')}, {env.get('date')})",
-        f"fit {f['group']} (layers {f.get('layers')}): bench step forward+backward = {f['rest_ms']:.2f} ms + k x {f['per_layer_ms']:.2f} ms",
+        f"fit {f['group']} (layers {f.get('layers')}): bench step forward+backward = "
+        f"{f['rest_ms']:.2f} ms + k x {f['per_layer_ms']:.2f} ms",
         f"  R_layer = {f['layer_flops']:.4g} FLOP / {f['per_layer_ms']:.2f} ms = {p.r_layer_tflops:.1f} TFLOP/s"
         + (f"  (layer MFU {100 * f['layer_mfu']:.1f}%)" if f.get("layer_mfu") else ""),
         f"  R_head  = {f['head_flops']:.4g} FLOP / {f['rest_ms']:.2f} ms = {p.r_head_tflops:.1f} TFLOP/s",
@@ -219,8 +222,8 @@ def report(p: Projection, section: dict, recipe: Recipe, nvlink_gbps: float, anc
         f"steps: {recipe.epochs} x ceil({recipe.samples} / {recipe.samples_per_step}) = {p.steps}; "
         f"{p.passes_per_rank} micro-batch passes per rank ({p.passes_per_rank / p.steps:.2f} per step)",
         f"compute: sum over passes of max over ranks of 64 x F_layer / R_layer + F_head / R_head = {p.compute_s:.0f} s",
-        f"comm per pass: (2 x 2 B + 4 B) x {params / 1e9:.2f} B params x {recipe.world_size - 1}/{recipe.world_size} / {nvlink_gbps:.0f} GB/s "
-        f"= {p.comm_per_pass_s:.3f} s; x {p.passes_per_rank} passes = {p.comm_per_pass_s * p.passes_per_rank:.0f} s",
+        f"comm per pass: (2 x 2 B + 4 B) x {params / 1e9:.2f} B params x {recipe.world_size - 1}/{recipe.world_size} "
+        f"/ {nvlink_gbps:.0f} GB/s = {p.comm_per_pass_s:.3f} s; x {p.passes_per_rank} passes = {p.comm_per_pass_s * p.passes_per_rank:.0f} s",
         f"optimizer per step: {f['optim_ms_per_gparam']:.2f} ms per B params x {params / 1e9:.2f} B / {recipe.world_size} "
         f"= {1e3 * p.optimizer_per_step_s:.1f} ms; x {p.steps} steps = {p.optimizer_per_step_s * p.steps:.0f} s",
         f"total: {p.minutes_overlapped:.1f} min with communication overlapped, {p.minutes_not_overlapped:.1f} min without",
@@ -246,10 +249,12 @@ def verdict(p: Projection) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.project", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.project", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--results", type=Path, required=True, help="train_step-<device>.json or summary-<device>.json from a GPU run")
     ap.add_argument("--fit", default=None, help="the fit (config group) to project from; default: the fastest that fits 8 x 80 GB")
-    ap.add_argument("--nvlink-gbps", type=float, default=450.0, help="NVLink bandwidth per direction, GB/s (default 450: H100 SXM datasheet)")
+    ap.add_argument("--nvlink-gbps", type=float, default=450.0,
+                    help="NVLink bandwidth per direction, GB/s (default 450: the H100 SXM datasheet)")  # fmt: skip
     ap.add_argument("--lengths", type=Path, default=length_dist.DATA_FILE, help="length distribution (default: the committed proxy)")
     ap.add_argument("--json", action="store_true", help="print the projection as one JSON object")
     args = ap.parse_args(argv)

@@ -75,7 +75,8 @@ def flce_time_ratio(stage: dict) -> tuple[float, dict]:
 
 def flce_mem_ratio(stage: dict) -> tuple[float, dict]:
     pairs = _flce_pairs(stage)
-    ratios = {c: o["peak_extra_bytes"] / lg["peak_extra_bytes"] for c, (o, lg) in pairs.items() if o["peak_extra_bytes"] and lg["peak_extra_bytes"]}
+    ratios = {c: o["peak_extra_bytes"] / lg["peak_extra_bytes"] for c, (o, lg) in pairs.items()
+              if o["peak_extra_bytes"] and lg["peak_extra_bytes"]}  # fmt: skip
     if not ratios:
         raise Missing("no forward+backward case with the peak memory of both ours and liger (measured on CUDA only)")
     return _geomean(list(ratios.values())), ratios
@@ -119,7 +120,8 @@ def load_stages(folder: Path, device: str) -> tuple[dict[str, list[dict]], dict[
         elif runs:
             found[stage] = runs
         else:
-            missing[stage] = f"no {' or '.join(f'{n}-{device}.json' for n in names)} in {folder}: run `bash benchmarks/gpu_suite.sh {stage}`"
+            wanted = " or ".join(f"{n}-{device}.json" for n in names)
+            missing[stage] = f"no {wanted} in {folder}: run `bash benchmarks/gpu_suite.sh {stage}`"
     return found, missing
 
 
@@ -158,8 +160,10 @@ def build(folder: Path, device: str) -> dict:
         return fit["layer_mfu"], fit
 
     attempt("train_mfu_32b_layers", "train", layer_mfu)
-    sources = {Path(s["_file"]).name: {k: s.get(k) for k in ("command", "sweep")} | {k: s["environment"].get(k) for k in ("commit", "date", "device")}
-               for group in stages.values() for s in group}  # fmt: skip
+    sources = {
+        Path(s["_file"]).name: {k: s.get(k) for k in ("command", "sweep")} | {k: s["environment"].get(k) for k in ("commit", "date", "device")}
+        for group in stages.values() for s in group
+    }  # fmt: skip
     commits = sorted({v["commit"] for v in sources.values() if v["commit"]})
     names = sorted({v["device"] for v in sources.values()})
     summary = {
@@ -191,13 +195,15 @@ def goals(values: dict, details: dict) -> dict:
         "limo projection <= 60 min within 80 GB, no offload": None if projection is None else
             projection["proxy_tokens"]["fits_memory"] and projection["proxy_tokens"]["minutes_overlapped"] <= 60,
         f"sampler decode >= 70% of the roofline at batch >= {LARGE_BATCH}": check(values["sampler_roofline_fraction"], lambda v: v >= 0.7),
-        f"sampler >= 10x transformers at batch >= {LARGE_BATCH}": check(sampler.get("min_vs_transformers_at_large_batch"), lambda v: v >= 10),
+        f"sampler >= 10x transformers at batch >= {LARGE_BATCH}":
+            check(sampler.get("min_vs_transformers_at_large_batch"), lambda v: v >= 10),
         "memory planner within 10% of the measured peak": check(values["memory_plan_rel_error"], lambda v: abs(v) <= 0.1),
     }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / "results", help="folder of stage JSON (default: benchmarks/results)")
     ap.add_argument("--device", required=True, help="device name as in the stage files' names, e.g. NVIDIA-H100-80GB-HBM3")
     ap.add_argument("--out", type=Path, default=None, help="output (default: DIR/summary-DEVICE.json)")
