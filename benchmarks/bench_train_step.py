@@ -92,6 +92,7 @@ SWEEPS = {
         StepConfig(4, kernels="torch"), StepConfig(4, kernels="liger"),
         StepConfig(4, ac="selective"), StepConfig(4, ac="none"),
         StepConfig(4, state_dtype="float32"),
+        StepConfig(8, ac="none"),  # the planner says it does not fit: an OOM to record (last, so it disturbs nothing after it)
     )),
     "smoke": Sweep(_SMOKE_ARGS, 256, 2, "float32", 1, 1, (  # Triton runs in its interpreter here: slow, so few Triton configs
         StepConfig(1), StepConfig(2), StepConfig(2, kernels="torch"), StepConfig(2, kernels="liger"),

@@ -52,7 +52,7 @@ run_stage() {
     tests)
         $PY -m pytest -q -p no:cacheprovider tests/test_rmsnorm.py tests/test_cross_entropy.py tests/test_kernels_backend.py \
             tests/test_model.py tests/test_bench_smoke.py tests/test_bench_train_step.py tests/test_bench_sampler.py \
-            tests/test_project.py 2>&1 | tee "$OUT/tests-$dev.log" | tail -30 || status=1
+            tests/test_bench_kernel_choice.py tests/test_bench_summary.py tests/test_project.py 2>&1 | tee "$OUT/tests-$dev.log" | tail -30 || status=1
         ;;
     rmsnorm)
         for sweep in full residual; do

@@ -39,6 +39,7 @@ def write_stages(folder, sweep="full"):
         _rec("triton", "step", {"layers": 2}, extra={"name": "triton-full-eager-L2", "plan_rel_error": 0.04}),
         _rec("triton", "step", {"layers": 4}, extra={"name": "triton-full-eager-L4", "plan_rel_error": -0.07}),
         _rec("triton", "step", {"layers": 4}, status="oom: x", extra={"name": "triton-none-eager-L4"}),
+        _rec("torch", "step", {"layers": 4}, extra={"name": "torch-full-eager-L4", "plan_rel_error": -0.5}),  # not what the planner models
     ]
     stages = {
         "rmsnorm-full": {"records": rms, "ceilings": {"copy_gbps": 3000.0}},
