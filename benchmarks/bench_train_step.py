@@ -66,11 +66,6 @@ class StepConfig:
         state = "" if self.state_dtype == "bfloat16" else f"-{self.state_dtype}-state"
         return f"{self.kernels}-{self.ac}-{'compile' if self.compile else 'eager'}{state}-L{self.layers}"
 
-    @property
-    def group(self) -> str:
-        """The name without the layer count: configs of one group differ only in depth."""
-        return self.name.rsplit("-L", 1)[0]
-
 
 @dataclass(frozen=True)
 class Sweep:

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +39,7 @@ from benchmarks import lengths as length_dist
 from benchmarks.bench_train_step import RECIPE, head_flops, layer_flops
 from engine.config import load_config
 from engine.memory import H100_80GB_GIB, plan_memory
-from engine.model import PRESETS, ModelArgs
+from engine.model import PRESETS
 
 TARGET = PRESETS["qwen2.5-32b"]
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
