@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# The kernel checks and sweeps a lent GPU owes, in stages that each fit one 10-minute device call:
+# What a lent GPU owes: the GPU tests, every benchmark, and the summary of their headline figures.
+# Each stage fits one 10-minute device call; together they take about 25 minutes.
 #
-#   bash benchmarks/gpu_suite.sh tests      # kernel, backend and model tests on CUDA (~2 min)
-#   bash benchmarks/gpu_suite.sh rmsnorm    # RMSNorm sweeps: full, then residual (~7 min)
-#   bash benchmarks/gpu_suite.sh ce         # fused linear cross-entropy sweep (~5 min)
+#   bash benchmarks/gpu_suite.sh tests          # kernel, model, sampler and benchmark tests on CUDA (~3 min)
+#   bash benchmarks/gpu_suite.sh rmsnorm        # RMSNorm sweeps: full, then residual (~7 min)
+#   bash benchmarks/gpu_suite.sh ce             # fused linear cross-entropy sweep (~5 min)
+#   bash benchmarks/gpu_suite.sh train          # train step, 32B layers, eager configs (~4 min)
+#   bash benchmarks/gpu_suite.sh train-compile  # train step, torch.compile configs (~4 min)
+#   bash benchmarks/gpu_suite.sh sampler        # sampler decode/prefill vs roofline and transformers (~5 min)
+#   bash benchmarks/gpu_suite.sh summary        # summary-<device>.json + the LIMO projection (no GPU needed)
+#   bash benchmarks/gpu_suite.sh all            # every stage in turn (a machine of your own: > 10 minutes)
 #
-# JSON, logs and tables go to $OUT (the device tool's folder; default benchmarks/results); copy the
-# JSON into benchmarks/results/ and commit it with the command that made it. Liger-Kernel is not
-# on the GPU image: carry its wheel (pure Python) as .whl/ and this script installs it.
+# Stage outputs go to $OUT (the device tool's folder; default benchmarks/results) as
+# <stage>-<device>.json plus a log; at most 4 files per stage, so each call's files come back.
+# Copy the JSON into benchmarks/results/ and commit it with the date of the run. The summary
+# stage reads benchmarks/results/ (RESULTS=... to change) and names the device by $DEVICE, or by
+# the GPU when there is one. Liger-Kernel is not on the GPU image: carry its wheel (pure Python)
+# as .whl/ and this script installs it; without it Liger is recorded as unavailable.
 set -uo pipefail
-stage=${1:?usage: gpu_suite.sh tests|rmsnorm|ce}
+usage="usage: gpu_suite.sh tests|rmsnorm|ce|train|train-compile|sampler|summary|all"
+stage=${1:?$usage}
+case $stage in
+tests | rmsnorm | ce | train | train-compile | sampler | summary | all) ;;
+*) echo "unknown stage $stage; $usage" >&2 && exit 2 ;;
+esac
 OUT=${OUT:-benchmarks/results}
+RESULTS=${RESULTS:-benchmarks/results}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -19,24 +34,55 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-dev=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || exit 1
-status=0
-case $stage in
-tests)
-    $PY -m pytest -q -p no:cacheprovider tests/test_rmsnorm.py tests/test_cross_entropy.py tests/test_kernels_backend.py \
-        tests/test_model.py tests/test_bench_smoke.py 2>&1 | tee "$OUT/tests-$dev.log" | tail -30 || status=1
-    ;;
-rmsnorm)
-    for sweep in full residual; do
-        $PY -m benchmarks.bench_rmsnorm --sweep $sweep --out "$OUT/rmsnorm-$sweep-$dev.json" 2>"$OUT/rmsnorm-$sweep-$dev.log" || status=1
+
+gpu_name() {
+    $PY -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu_suite.sh: no CUDA device here'); print(torch.cuda.get_device_name().replace(' ', '-'))"
+}
+
+run_stage() {
+    local stage=$1 dev status=0
+    if [ "$stage" = summary ]; then
+        dev=${DEVICE:-$(gpu_name)} || { echo "summary: set DEVICE=<device name as in the result files>" >&2; return 1; }
+        $PY -m benchmarks.summary --dir "$RESULTS" --device "$dev" || return 1
+        $PY -m benchmarks.project --results "$RESULTS/summary-$dev.json" | tee "$RESULTS/projection-$dev.txt"
+        return 0  # the projection says itself what it lacks; a partial summary is still a summary
+    fi
+    dev=$(gpu_name) || return 1
+    case $stage in
+    tests)
+        $PY -m pytest -q -p no:cacheprovider tests/test_rmsnorm.py tests/test_cross_entropy.py tests/test_kernels_backend.py \
+            tests/test_model.py tests/test_bench_smoke.py tests/test_bench_train_step.py tests/test_bench_sampler.py \
+            tests/test_bench_kernel_choice.py tests/test_bench_summary.py tests/test_project.py 2>&1 | tee "$OUT/tests-$dev.log" | tail -30 || status=1
+        ;;
+    rmsnorm)
+        for sweep in full residual; do
+            $PY -m benchmarks.bench_rmsnorm --sweep $sweep --out "$OUT/rmsnorm-$sweep-$dev.json" 2>"$OUT/rmsnorm-$sweep-$dev.log" || status=1
+        done
+        ;;
+    ce)
+        $PY -m benchmarks.bench_cross_entropy --sweep full --out "$OUT/cross_entropy-$dev.json" 2>"$OUT/cross_entropy-$dev.log" || status=1
+        ;;
+    train)
+        $PY -m benchmarks.bench_train_step --sweep full --compile off --out "$OUT/train_step-$dev.json" 2>"$OUT/train_step-$dev.log" || status=1
+        ;;
+    train-compile)
+        $PY -m benchmarks.bench_train_step --sweep full --compile on --out "$OUT/train_step-compile-$dev.json" \
+            2>"$OUT/train_step-compile-$dev.log" || status=1
+        ;;
+    sampler)
+        $PY -m benchmarks.bench_sampler --sweep full --out "$OUT/sampler-$dev.json" 2>"$OUT/sampler-$dev.log" || status=1
+        ;;
+    esac
+    return $status
+}
+
+if [ "$stage" = all ]; then
+    status=0
+    for s in tests rmsnorm ce train train-compile sampler; do
+        run_stage $s || status=1
     done
-    ;;
-ce)
-    $PY -m benchmarks.bench_cross_entropy --sweep full --out "$OUT/cross_entropy-$dev.json" 2>"$OUT/cross_entropy-$dev.log" || status=1
-    ;;
-*)
-    echo "unknown stage $stage (tests|rmsnorm|ce)" >&2
-    exit 2
-    ;;
-esac
-exit $status
+    [ "$OUT" = "$RESULTS" ] || cp "$OUT"/*.json "$RESULTS"/
+    run_stage summary || status=1
+    exit $status
+fi
+run_stage "$stage"

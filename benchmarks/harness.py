@@ -70,6 +70,7 @@ class Record:
     fraction_of_ceiling: float | None = None
     peak_extra_bytes: int | None = None
     work: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # bench-specific figures (tokens/s, MFU, memory plan, ...)
 
     @property
     def key(self) -> str:

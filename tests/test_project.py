@@ -1,0 +1,111 @@
+"""benchmarks/project.py on fake measurements: the arithmetic by hand, the choice of fit, and what it
+says when measurements are missing (it never invents a figure)."""
+
+import json
+import re
+from dataclasses import asdict
+
+import pytest
+
+from benchmarks import project
+from engine.model import PRESETS, build_model
+
+ARGS = PRESETS["qwen2.5-32b"]
+L = 16384
+
+
+def _counts():
+    model = build_model(ARGS, device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.layers[0].parameters())
+    return total, layer
+
+
+def fake_fit(**overrides) -> dict:
+    """A bench step of one 16,384-token sample: its FLOPs counted here by hand, at round times."""
+    _, layer = _counts()
+    fit = dict(group="triton-full-eager", kernels="triton", ac="full", compile=False, state_dtype="bfloat16", layers=[2, 4], tokens=L,
+               per_layer_ms=100.0, rest_ms=50.0, optim_ms_per_gparam=2.0, layer_mfu=0.5,
+               layer_flops=6 * layer * L + 6 * ARGS.num_heads * ARGS.head_dim * L * L,
+               head_flops=6 * ARGS.vocab_size * ARGS.hidden_size * L)  # fmt: skip
+    return fit | overrides
+
+
+def fake_results(tmp_path, fits, model=None, name="train_step.json"):
+    path = tmp_path / name
+    payload = {"model": model or asdict(ARGS), "fits": fits, "environment": {"device": "FAKE H100", "commit": "abc", "date": "2026-01-01"},
+               "records": [{"key": "k", "status": "oom: simulated", "extra": {"name": "triton-full-eager-L4"}}]}  # fmt: skip
+    path.write_text(json.dumps(payload))
+    return path
+
+
+@pytest.fixture
+def uniform_lengths(tmp_path):
+    """Every sample 16,384 tokens: each is one micro-batch of its own, so the layout is countable by hand."""
+    path = tmp_path / "lengths.json"
+    path.write_text(json.dumps({"lengths": {"all": [L]}}))
+    return path
+
+
+def test_the_arithmetic_by_hand(tmp_path, uniform_lengths):
+    """817 samples, 32 per step, 8 ranks: 25 steps of 4 passes (4 samples per rank) and a last step
+    of 17 samples, 3 passes (3, 2, 2, ... samples per rank); 15 epochs of 103 passes."""
+    total, _ = _counts()
+    section = project.load_results(fake_results(tmp_path, [fake_fit()]))
+    p = project.project(section, pool=project.length_dist.load(uniform_lengths))
+    passes = 15 * (25 * 4 + 3)
+    per_pass = 64 * 0.100 + 0.050  # every pass is one bench step's sample: 64 layers at 100 ms, the head at 50 ms
+    comm = 8 * total * 7 / 8 / 450e9
+    optimizer = 2.0e-3 * total / 1e9 / 8
+    assert (p.steps, p.passes_per_rank, p.tokens_per_epoch) == (390, passes, 817 * L)
+    assert p.compute_s == pytest.approx(passes * per_pass, rel=1e-9)
+    assert p.comm_per_pass_s == pytest.approx(comm, rel=1e-12)
+    assert p.optimizer_per_step_s == pytest.approx(optimizer, rel=1e-12)
+    assert p.minutes_overlapped * 60 == pytest.approx(passes * max(per_pass, comm) + 390 * optimizer, rel=1e-9)
+    assert p.minutes_not_overlapped * 60 == pytest.approx(passes * (per_pass + comm) + 390 * optimizer, rel=1e-9)
+    assert p.fits_memory and p.memory_gib < p.memory_capacity_gib
+    assert p.r_layer_tflops == pytest.approx(fake_fit()["layer_flops"] / 0.1 / 1e12)
+
+
+def test_the_command_prints_the_arithmetic(tmp_path, uniform_lengths, capsys):
+    path = fake_results(tmp_path, [fake_fit()])
+    assert project.main(["--results", str(path), "--lengths", str(uniform_lengths)]) == 0
+    out = capsys.readouterr().out
+    assert "projected from FAKE H100 (commit abc, 2026-01-01)" in out
+    assert "= 390; 1545 micro-batch passes per rank" in out and "x 1545 passes" in out
+    assert "13.39 M tokens per epoch" in out and "ANCHORS.md's ~4 M tokens per epoch" in out and "goal (<= 60 min" in out
+    assert project.main(["--results", str(path), "--lengths", str(uniform_lengths), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["proxy"]["passes_per_rank"] == 1545 and payload["anchors_tokens"]["tokens_per_epoch"] == pytest.approx(4e6, rel=0.01)
+
+
+def test_the_fastest_fit_that_fits_in_memory_is_chosen(tmp_path):
+    slow, fast = fake_fit(), fake_fit(group="triton-full-compile", compile=True, per_layer_ms=80.0)
+    no_ac = fake_fit(group="triton-none-eager", ac="none", per_layer_ms=60.0)  # fastest, but the plan does not fit 80 GB
+    section = project.load_results(fake_results(tmp_path, [slow, fast, no_ac]))
+    assert project.choose_fit(section)["group"] == "triton-full-compile"
+    assert project.choose_fit(section, "triton-full-eager")["group"] == "triton-full-eager"
+    with pytest.raises(project.MissingMeasurements, match="no fit named 'x'"):
+        project.choose_fit(section, "x")
+
+
+@pytest.mark.parametrize(
+    "fits, model, message",
+    [
+        ([], None, r"no per-layer fit: .* \(config statuses: \{'triton-full-eager-L4': 'oom: simulated'\}"),
+        ([fake_fit(rest_ms=-3.0)], None, r"fit 'triton-full-eager' has a non-positive time .* too noisy"),
+        ([fake_fit()], {**asdict(ARGS), "hidden_size": 48}, r"other shapes .* not Qwen2.5-32B's"),
+        ([{"group": "g"}], None, r"fit 'g' lacks \['ac', 'compile'"),
+    ],
+)
+def test_what_is_missing_is_said(tmp_path, capsys, fits, model, message):
+    path = fake_results(tmp_path, fits, model)
+    assert project.main(["--results", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+
+
+def test_no_results_file_says_how_to_get_one(tmp_path, capsys):
+    assert project.main(["--results", str(tmp_path / "summary-H100.json")]) == 2
+    err = capsys.readouterr().err
+    assert "summary-H100.json does not exist" in err and "bash benchmarks/gpu_suite.sh train" in err
