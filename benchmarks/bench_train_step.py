@@ -12,7 +12,7 @@ micro-batch, clip, one host sync, AdamW) on the engine's own pieces: the LIMO re
 synthetic token ids packed by data/packing.py into 16,384-token streams, with sample lengths drawn
 from the long-CoT proxy (benchmarks/lengths.py); every config runs the same micro-batches.
 
-Reported per config: step time and its phases (forward+backward, then clip + sync + optimizer),
+Reported per config: step time and its phases (forward+backward+clip+sync, then AdamW),
 tokens/s, MFU as ANCHORS.md counts it (causal attention) and torchtitan's, the peak memory
 (allocated and reserved) against engine.memory.plan_memory's prediction. A config that runs out
 of memory is recorded as "oom" next to the planner's verdict; the sweep goes on.
@@ -48,6 +48,7 @@ from engine.metrics import peak_flops, step_flops, step_flops_torchtitan
 from engine.model import PRESETS, ModelArgs, build_model
 from engine.optim import build_optimizer
 from engine.parallel import Distributed, init_distributed, parallelize
+from engine.train import train_step as engine_train_step
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "limo_qwen2.5_32b_8xh100.toml"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -163,22 +164,14 @@ class Marks:
 
 
 def train_step(model, optimizer, batches: list[MicroBatch], divisor: int, max_grad_norm: float, device: torch.device, marks: Marks):
-    """engine/train.py's step as it stands (without logging and checkpoints), marked between phases.
+    """engine/train.py's step (engine.train.train_step, then AdamW), marked between its phases.
 
     A non-finite loss or norm is an error here (train.py skips such a step): the benchmark's
     step must compute what training computes.
     """
     marks.mark()
-    loss_sum = torch.zeros((), device=device)
-    for mb in batches:
-        mb = mb.to(device)
-        loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
-        (loss / divisor).backward()
-        loss_sum += loss.detach()
+    loss_value, norm_value = engine_train_step(model, batches, divisor, device, max_grad_norm)  # ends in its host sync
     marks.mark()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    dist.all_reduce(loss_sum)
-    loss_value, norm_value = torch.stack([loss_sum / divisor, grad_norm.full_tensor()]).tolist()  # host sync: the step's only one
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         raise RuntimeError(f"non-finite loss {loss_value} or grad norm {norm_value}")
     optimizer.step()
@@ -286,7 +279,7 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def fit_layers(records: list[Record], args: ModelArgs, seqlens: list[int], peak: float | None) -> list[dict]:
     """For each group of ok configs measured at two or more depths, the least-squares line
     forward+backward time = rest + layers * per_layer (rest: embedding, head and loss), with the
-    achieved FLOP rates of a layer and of the head; and the optimizer phase (clip + AdamW) per
+    achieved FLOP rates of a layer and of the head (clipping included); and the AdamW phase per
     billion parameters, fitted through the origin (its time is proportional to the parameters)."""
     groups: dict[str, list[Record]] = {}
     for r in records:

@@ -254,7 +254,7 @@ def host_syncs_per_step() -> tuple[int, list[str]]:
         assert len(batch.micro_batches) >= 2, "the profile must accumulate over micro-batches"
         counts: list[str] = []
         with _count_host_syncs(counts):
-            train_step(model, batch, d.device, max_grad_norm=1.0)
+            train_step(model, batch.micro_batches, batch.num_label_tokens, d.device, max_grad_norm=1.0)
         outside = [c for c in counts if not c.startswith("kernels/reference.py")]
         return len(outside), outside
     finally:

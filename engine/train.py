@@ -46,16 +46,16 @@ def parse_args(argv: list[str]) -> Config:
     return load_config(argv[1], argv[2:])
 
 
-def train_step(model: torch.nn.Module, batch, device: torch.device, max_grad_norm: float) -> tuple[float, float]:
+def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device: torch.device, max_grad_norm: float) -> tuple[float, float]:
     """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm).
 
-    Each micro-batch's summed loss is divided by the supervised tokens of the whole global batch,
-    so gradients add up over micro-batches and ranks to the gradient of the global mean. The
-    step's one host sync reads both numbers together.
+    `divisor` is the number of supervised tokens of the whole global batch (all micro-batches,
+    all ranks): each micro-batch's summed loss is divided by it, so gradients add up over
+    micro-batches and ranks to the gradient of the global mean. The step's one host sync reads
+    both numbers together.
     """
     loss_sum = torch.zeros((), device=device)
-    divisor = max(batch.num_label_tokens, 1)
-    for mb in batch.micro_batches:
+    for mb in micro_batches:
         mb = mb.to(device)
         loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
         (loss / divisor).backward()
@@ -123,7 +123,8 @@ def train(cfg: Config) -> None:
     last_sync = time.perf_counter()
     model.train()
     for batch in loader if step < total_steps else ():
-        loss_value, norm_value = train_step(model, batch, d.device, cfg.train.max_grad_norm)
+        divisor = max(batch.num_label_tokens, 1)
+        loss_value, norm_value = train_step(model, batch.micro_batches, divisor, d.device, cfg.train.max_grad_norm)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             optimizer.step()
             bad_steps = 0
