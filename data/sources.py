@@ -214,7 +214,7 @@ def load_records(path: str, fmt: Format = "auto") -> tuple[list[Sample], SourceR
     first_seen: dict[tuple, str] = {}
     for file in resolve_files(path):
         report.files.append(str(file))
-        file_fmt = None if fmt == "auto" else fmt
+        file_fmt, before = (None if fmt == "auto" else fmt), len(samples)
         for where, record in _file_records(file):
             file_fmt = file_fmt or detect_format(record, where)
             sample = to_sample(record, file_fmt, where)
@@ -224,7 +224,7 @@ def load_records(path: str, fmt: Format = "auto") -> tuple[list[Sample], SourceR
             else:
                 first_seen[key] = where
             samples.append(sample)
-        if file_fmt is None:
+        if len(samples) == before:
             raise DataError(f"{file}: contains no records")
         report.format = file_fmt if report.format in ("", file_fmt) else "mixed"
     report.records = len(samples)

@@ -138,6 +138,8 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="empty.jsonl: contains no records"):
         load_records(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DataError, match="empty.jsonl: contains no records"):
+        load_records(str(tmp_path / "empty.jsonl"), "limo")
     (tmp_path / "data.csv").write_text("question,solution\n")
     with pytest.raises(DataError, match=r"data.csv: unknown file type '.csv'; expected one of .jsonl, .json, .parquet"):
         load_records(str(tmp_path / "data.csv"))
