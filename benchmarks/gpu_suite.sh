@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_suite.sh sampler        # sampler decode/prefill vs roofline and transformers (~5 min)
 #   bash benchmarks/gpu_suite.sh summary        # summary-<device>.json + the LIMO projection (no GPU needed)
 #   bash benchmarks/gpu_suite.sh all            # every stage in turn (a machine of your own: > 10 minutes)
+#   bash benchmarks/gpu_suite.sh compare        # rerun the kernel sweeps that have a committed baseline for
+#                                               # this GPU and hold their timings against it (make bench-ci)
 #
 # Stage outputs go to $OUT (the device tool's folder; default benchmarks/results) as
 # <stage>-<device>.json plus a log; at most 4 files per stage, so each call's files come back.
@@ -18,10 +20,10 @@
 # the GPU when there is one. Liger-Kernel is not on the GPU image: carry its wheel (pure Python)
 # as .whl/ and this script installs it; without it Liger is recorded as unavailable.
 set -uo pipefail
-usage="usage: gpu_suite.sh tests|rmsnorm|ce|train|train-compile|sampler|summary|all"
+usage="usage: gpu_suite.sh tests|rmsnorm|ce|train|train-compile|sampler|summary|all|compare"
 stage=${1:?$usage}
 case $stage in
-tests | rmsnorm | ce | train | train-compile | sampler | summary | all) ;;
+tests | rmsnorm | ce | train | train-compile | sampler | summary | all | compare) ;;
 *) echo "unknown stage $stage; $usage" >&2 && exit 2 ;;
 esac
 OUT=${OUT:-benchmarks/results}
@@ -49,6 +51,18 @@ run_stage() {
     fi
     dev=$(gpu_name) || return 1
     case $stage in
+    compare)
+        local found=0
+        for pair in "bench_rmsnorm full rmsnorm-full" "bench_cross_entropy full cross_entropy"; do
+            set -- $pair
+            local base="$RESULTS/$3-$dev.json"
+            [ -f "$base" ] || continue
+            found=1
+            $PY -m benchmarks.$1 --sweep $2 --out "$OUT/compare-$3-$dev.json" 2>"$OUT/compare-$3-$dev.log" || status=1
+            $PY -m benchmarks.compare "$OUT/compare-$3-$dev.json" "$base" || status=1
+        done
+        [ $found = 1 ] || echo "compare: no committed timings for $dev under $RESULTS: record them with the rmsnorm and ce stages"
+        ;;
     tests)
         $PY -m pytest -q -p no:cacheprovider tests/test_rmsnorm.py tests/test_cross_entropy.py tests/test_kernels_backend.py \
             tests/test_model.py tests/test_bench_smoke.py tests/test_bench_train_step.py tests/test_bench_sampler.py \

@@ -33,6 +33,7 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class ModelConfig:
     preset: str | None = _help("named architecture, randomly initialised (see engine.model.PRESETS)", None)
     path: str | None = _help("Hugging Face model folder (config.json + safetensors); its tokenizer comes with it", None)
+    init_std: float = _help("std of the normal init of a preset's matrices (model.path ignores it)", 0.02)
 
     def check(self) -> None:
         from engine.model import PRESETS
@@ -41,6 +42,8 @@ class ModelConfig:
             raise ConfigError("model: set exactly one of model.preset and model.path")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; allowed: {sorted(PRESETS)}")
+        if not self.init_std > 0:
+            raise ConfigError(f"model.init_std={self.init_std} must be > 0")
 
 
 @dataclass

@@ -69,6 +69,7 @@ def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device
 def train(cfg: Config) -> None:
     from data.dataset import load_samples, resolve_tokenizer
     from data.loader import PackedLoader
+    from data.packing import CostModel
 
     d = init_distributed(cfg.train.device, cfg.parallel.dp_replicate)
     logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -78,16 +79,16 @@ def train(cfg: Config) -> None:
 
     tokenizer = resolve_tokenizer(cfg.data, model_path=cfg.model.path)
     samples, report = load_samples(cfg.data, tokenizer)
+    hf = HFCheckpoint(cfg.model.path) if cfg.model.path else None
+    args = hf.args if hf else PRESETS[cfg.model.preset]
+    if report.max_token_id >= args.vocab_size:
+        raise ConfigError(f"the data holds token id {report.max_token_id} but the model's vocab_size is {args.vocab_size}")
     loader = PackedLoader(
         samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
-        epochs=cfg.train.epochs, world_size=d.world_size, rank=d.dp_rank, seed=cfg.train.seed,
+        epochs=cfg.train.epochs, world_size=d.world_size, rank=d.dp_rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
     )
     total_steps = min(cfg.train.max_steps or loader.total_steps, loader.total_steps)
 
-    hf = HFCheckpoint(cfg.model.path) if cfg.model.path else None
-    args = hf.args if hf else PRESETS[cfg.model.preset]
-    if len(tokenizer) > args.vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}")
     plan = plan_memory(cfg, args, d.world_size, *device_capacity_gib(d.device))
     log.info("memory plan per rank (%s):\n%s", d.device.type, plan.report())
     if not plan.fits and cfg.train.memory_check:
@@ -98,7 +99,7 @@ def train(cfg: Config) -> None:
     dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
     model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
     parallelize(model, d.mesh, cfg.parallel, param_dtype=dtype)
-    materialize(model, d.device, hf, seed=cfg.train.seed)
+    materialize(model, d.device, hf, seed=cfg.train.seed, std=cfg.model.init_std)
     optimizer = build_optimizer(model, cfg.optim, d.device)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
