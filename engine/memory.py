@@ -150,9 +150,10 @@ def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: flo
 def model_args(cfg: Config) -> ModelArgs:
     if cfg.model.preset:
         return PRESETS[cfg.model.preset]
-    from engine.weights import HFCheckpoint
+    from engine.weights import resolve_model_dir
 
-    return HFCheckpoint(cfg.model.path).args
+    folder = resolve_model_dir(cfg.model.path, config_only=True)
+    return ModelArgs.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         plan = plan_memory(cfg, model_args(cfg), args.world_size, args.capacity_gib)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError, WeightsError, ArchitectureError: all name what is wrong
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

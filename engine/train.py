@@ -29,7 +29,7 @@ from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops
 from engine.model import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import init_distributed, materialize, parallelize
-from engine.weights import HFCheckpoint
+from engine.weights import HFCheckpoint, resolve_model_dir
 
 log = logging.getLogger("engine.train")
 
@@ -77,9 +77,10 @@ def train(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
 
-    tokenizer = resolve_tokenizer(cfg.data, model_path=cfg.model.path)
+    model_dir = resolve_model_dir(cfg.model.path) if cfg.model.path else None
+    tokenizer = resolve_tokenizer(cfg.data, model_path=model_dir)
     samples, report = load_samples(cfg.data, tokenizer)
-    hf = HFCheckpoint(cfg.model.path) if cfg.model.path else None
+    hf = HFCheckpoint(model_dir) if model_dir else None
     args = hf.args if hf else PRESETS[cfg.model.preset]
     if report.max_token_id >= args.vocab_size:
         raise ConfigError(f"the data holds token id {report.max_token_id} but the model's vocab_size is {args.vocab_size}")

@@ -48,6 +48,28 @@ def expected_tensors(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}  # named_parameters dedups tied
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json", "tokenizer.model"]
+
+
+def resolve_model_dir(path: str | os.PathLike, config_only: bool = False) -> Path:
+    """A local model folder for `path`: the folder itself, or a hub id ("Qwen/Qwen2.5-32B-Instruct")
+    fetched into the Hugging Face cache (only config, safetensors and tokenizer files; with
+    `config_only`, config.json alone). Every rank may call it: the cache locks its files."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    text = str(path)
+    if local.is_absolute() or text.startswith(".") or text.count("/") != 1:
+        raise WeightsError(f"{path} is not a model folder (nor a hub id like 'Qwen/Qwen2.5-32B-Instruct')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(text, allow_patterns=["config.json"] if config_only else HUB_FILES)
+    except Exception as e:  # network, auth, missing repo: all end the run with the id named
+        raise WeightsError(f"model {text!r} is not a local folder and could not be fetched from the hub: {e}") from None
+    return Path(folder)
+
+
 class HFCheckpoint:
     """Lazy, validated view of a Hugging Face model folder."""
 

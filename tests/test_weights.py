@@ -115,3 +115,12 @@ def test_a_failed_save_leaves_the_previous_export_intact(tmp_path):
 def _save(hf, path):
     hf.save_pretrained(path)
     return path
+
+
+def test_model_dirs_resolve_locally_and_bad_names_are_named(tmp_path):
+    from engine.weights import resolve_model_dir
+
+    assert resolve_model_dir(tmp_path) == tmp_path
+    for bad in (str(tmp_path / "missing"), "a/b/c", "./relative"):
+        with pytest.raises(WeightsError, match="is not a model folder"):
+            resolve_model_dir(bad)
