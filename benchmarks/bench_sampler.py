@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from benchmarks.harness import SCHEMA, Record, Work, environment, measure_ceilings, print_table, write_json
+from benchmarks.harness import SCHEMA, Record, Work, environment, finish, measure_ceilings, print_table
 from engine.model import PRESETS, ModelArgs, build_model
 from engine.weights import save_pretrained
 
@@ -169,7 +169,6 @@ def run_ours(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch
         first = first or tokens
         records += _records("ours", sweep, batch, sweep.new_tokens, t_long, t_short, ceilings)
         log(records[-1])
-    del llm
     return records, first
 
 
@@ -191,7 +190,6 @@ def run_transformers(folder: Path, sweep: Sweep, prompts: list[list[int]], devic
         first = first or tokens
         records += _records("transformers", sweep, batch, sweep.hf_new_tokens, t_long, t_short, ceilings)
         log(records[-1])
-    del model
     return records, first
 
 
@@ -278,10 +276,7 @@ def _run(args: argparse.Namespace, sweep: Sweep, providers: list[str], device: t
     if "greedy_agreement" in header:
         a = header["greedy_agreement"]
         print(f"greedy tokens of prompt 0, ours vs transformers: identical for {a['identical_prefix']} of {a['tokens_compared']}")
-    if args.out:
-        write_json(args.out, header, records)
-        print(f"wrote {args.out}")
-    return 1 if any(r.status.startswith("error") for r in records) else 0
+    return finish(args.out, header, records)
 
 
 if __name__ == "__main__":

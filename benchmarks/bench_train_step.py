@@ -35,10 +35,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from benchmarks import lengths as length_dist
-from benchmarks.harness import SCHEMA, Record, Unavailable, environment, measure_ceilings, write_json
+from benchmarks.harness import SCHEMA, Record, Unavailable, environment, finish, measure_ceilings
 from benchmarks.kernel_choice import kernel_choice
 from data.dataset import EncodedSample
 from data.packing import MicroBatch, pack, plan
@@ -375,10 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{100 * f['layer_mfu']:.1f}%" if f["layer_mfu"] is not None else "-"
         print(f"fit {f['group']}: forward+backward {f['per_layer_ms']:.2f} ms per layer + {f['rest_ms']:.2f} ms (embedding, head, "
               f"loss); optimizer {f['optim_ms_per_gparam']:.2f} ms per billion parameters; layer MFU {mfu}")  # fmt: skip
-    if args.out:
-        write_json(args.out, header, records)
-        print(f"wrote {args.out}")
-    return 1 if any(r.status.startswith("error") for r in records) else 0
+    return finish(args.out, header, records)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,15 @@ def write_json(path: Path, header: dict, records: Sequence[Record]) -> None:
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
+def finish(out: Path | None, header: dict, records: Sequence[Record], strict: bool = False) -> int:
+    """Write the JSON if asked; the exit status: 1 when a provider failed (or, strict, did not run)."""
+    if out:
+        write_json(out, header, records)
+        print(f"wrote {out}")
+    failed = [r for r in records if r.status.startswith("error") or (strict and r.status != "ok")]
+    return 1 if failed else 0
+
+
 def add_common_args(parser: argparse.ArgumentParser, sweeps: dict, providers: Sequence[str], modes: Sequence[str]) -> None:
     parser.add_argument("--sweep", choices=sorted(sweeps), default="full", help="which named sweep to run (default: full)")
     parser.add_argument("--providers", default=",".join(providers), help=f"comma-separated subset of {','.join(providers)}")
@@ -299,8 +308,4 @@ def main_for(
         log=lambda line: print(line, file=sys.stderr, flush=True),  # progress; the table goes to stdout at the end
     )
     print_table(header, records)
-    if args.out:
-        write_json(args.out, header, records)
-        print(f"wrote {args.out}")
-    failed = [r for r in records if r.status.startswith("error") or (args.strict and r.status != "ok")]
-    return 1 if failed else 0
+    return finish(args.out, header, records, strict=args.strict)
