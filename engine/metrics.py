@@ -66,7 +66,10 @@ class MetricsLogger:
         self._drop_records_after(start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("train.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]'") from None
 
             self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
 

@@ -94,6 +94,8 @@ def parallelize(model: Qwen2, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype
     Gradients are reduced in fp32 and summed, not averaged: the loss is already divided by the
     global number of supervised tokens, so the sum over ranks is the gradient of the global mean.
     """
+    if cfg.cpu_offload and mesh.device_type != "cuda":
+        raise ValueError(f"parallel.cpu_offload=true moves sharded state from GPU to host memory: it needs CUDA devices, this run is on {mesh.device_type}")
     for i, layer in enumerate(model.layers):
         if cfg.activation_checkpointing == "full" or (cfg.activation_checkpointing == "selective" and i % 2 == 0):
             model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)

@@ -68,6 +68,12 @@ def test_one_rank_equals_two_ranks_and_accumulation_equals_one_batch(reference, 
     assert rel_err(torch.tensor(losses(tmp_path / "small")), torch.tensor(losses(reference))) < 1e-5
 
 
+def test_hsdp_equals_plain_fsdp(reference, tmp_path):
+    """Two replicas of two shards (the multi-node mesh, here on one machine) train the same model."""
+    train(tmp_path / "hsdp", 4, "--parallel.dp_replicate=2")
+    assert rel_err(torch.tensor(losses(tmp_path / "hsdp")), torch.tensor(losses(reference))) < 1e-5
+
+
 def test_sigkill_during_a_step_and_during_a_save_then_rerun(reference, tmp_path):
     out = tmp_path / "crashy"
     killed = train(out, crash_at="step:3", check=False)
@@ -131,6 +137,11 @@ def test_help_lists_the_command_line_contract():
     for key in ("--model.path", "--model.preset", "--data.path", "--train.output_dir", "--train.max_steps", "--train.seed",
                 "--train.dtype", "--checkpoint.every_steps"):
         assert key in proc.stdout
+
+
+def test_cpu_offload_without_a_gpu_is_a_clear_error(tmp_path):
+    proc = train(tmp_path / "offload", 1, "--parallel.cpu_offload=true", check=False)
+    assert proc.returncode != 0 and "parallel.cpu_offload=true moves sharded state from GPU to host memory" in proc.stderr
 
 
 def test_a_plan_that_does_not_fit_is_refused_before_the_model_is_built(tmp_path):
