@@ -28,12 +28,12 @@ import torch
 
 from engine.config import Config, ConfigError, load_config
 from engine.model import PRESETS, ModelArgs
+from kernels.cross_entropy import chunk_tokens
 
 GIB = 2**30
 H100_80GB_GIB = 81559 * 2**20 / GIB  # 79.6 GiB as nvidia-smi reports the 80 GB part
 RUNTIME_RESERVED_GIB = 2.5  # CUDA context + cuBLAS workspaces + NCCL buffers (outside the allocator)
 FRAGMENTATION = 0.05
-LOGITS_BUDGET_BYTES = 1 << 30  # kernels/cross_entropy.py: the chunk's logits buffer
 
 
 @dataclass
@@ -114,7 +114,7 @@ def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: flo
     all_gather_staging = n_block * cb  # a prefetch's flat all-gather output before copy-out
     block_grads = n_block * cb + 2 * n_block * 4  # unsharded grads + fp32 reduce-scatter inputs (current, in flight)
 
-    chunk = min(T, max(256, LOGITS_BUDGET_BYTES // (V * cb) // 256 * 256))  # tokens per logits chunk
+    chunk = chunk_tokens(T, V, torch.bfloat16 if cb == 2 else torch.float32)  # the kernel's own rule
     gathered_head = (n_head or V * H) * cb + n_block * cb  # the head, and the last block prefetched for backward
     ce_fp32 = V * H * 4 + T * H * 4  # fused cross-entropy's fp32 dweight and dhidden
     head_forward = {

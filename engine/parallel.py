@@ -28,8 +28,8 @@ from engine.weights import HFCheckpoint
 
 log = logging.getLogger(__name__)
 
-# Name fragments that wrappers insert into parameter names; stripped to recover model names.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+# What checkpoint_wrapper inserts into parameter names (compile is applied in place: it adds nothing).
+_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
 @dataclass
@@ -82,10 +82,8 @@ def init_distributed(device: str, dp_replicate: int) -> Distributed:
 
 
 def clean_name(name: str) -> str:
-    """A parameter name with checkpoint/compile wrapper fragments removed."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """A parameter name as the model names it, without the checkpoint wrapper's fragment."""
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 def parallelize(model: Qwen2, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype) -> Qwen2:
