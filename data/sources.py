@@ -84,7 +84,13 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow: pip install -e '.[parquet]'") from None
-    for i, record in enumerate(pq.read_table(path).to_pylist()):
+    import pyarrow as pa
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    for i, record in enumerate(rows):
         yield f"{path} row {i}", record
 
 

@@ -1,7 +1,7 @@
 """Reading training records: layouts, file types, and an error naming the file, line and field for bad input."""
 
-import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -161,21 +161,33 @@ def test_unreachable_hub_id_is_named(monkeypatch, tmp_path):
         load_records("limo-engine-tests/no-such-dataset")
 
 
-def test_parquet(tmp_path):
-    """Without pyarrow (the optional `parquet` extra) the error says how to get it; with it, rows load."""
-    path = tmp_path / "limo.parquet"
-    if importlib.util.find_spec("pyarrow") is None:
-        path.write_bytes(b"PAR1")
-        with pytest.raises(DataError, match=rf"{path}: reading .parquet needs pyarrow: pip install -e '.\[parquet\]'"):
-            load_records(str(path))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def test_parquet_rows_load_with_their_row_numbers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(LIMO), path)
-        samples, report = load_records(str(path))
-        assert [s.messages[1]["content"] for s in samples] == [r["solution"] for r in LIMO]
-        assert samples[1].where == f"{path} row 1" and report.format == "limo"
+    path = tmp_path / "limo.parquet"
+    pq.write_table(pa.Table.from_pylist(LIMO), path)
+    samples, report = load_records(str(path))
+    assert [s.messages[1]["content"] for s in samples] == [r["solution"] for r in LIMO]
+    assert [s.answer for s in samples] == ["5", "42"]
+    assert samples[1].where == f"{path} row 1" and report.format == "limo"
+
+
+def test_parquet_errors_name_the_file_and_row(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(DataError, match=rf"{broken}: not a readable parquet file"):
+        load_records(str(broken))
+    empty_field = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist([LIMO[0], {**LIMO[1], "solution": ""}]), empty_field)
+    with pytest.raises(DataError, match=rf"{empty_field} row 1.*solution"):
+        load_records(str(empty_field))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if the `parquet` extra were not installed
+    with pytest.raises(DataError, match=rf"{broken}: reading .parquet needs pyarrow: pip install -e '.\[parquet\]'"):
+        load_records(str(broken))
 
 
 def test_hub_dataset_uses_its_train_data_files(monkeypatch, tmp_path):
