@@ -94,8 +94,11 @@ def liger(case, mode, device):
 
     def norm(x, w, r):
         # casting_mode="llama" is Qwen2's: x_hat cast to the input dtype before the weight multiply.
+        # in_place=False: Liger's default writes dx over the incoming dy, which here is the bench's
+        # one dy reused every repetition (it would drift) and would hide the dx allocation that
+        # every other provider pays for.
         if r is None:
-            return LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama")
+            return LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
         return LigerFusedAddRMSNormFunction.apply(x, r, w, EPS, 0.0, "llama")
 
     return _runnable(norm, case, mode, device)

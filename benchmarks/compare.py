@@ -7,10 +7,11 @@ Two kinds of file:
                       {"figures": {name: {"value": v, "rule": "equal" | "max" | "min", "tolerance": t}}}:
                       "equal" must stay within t (relative), "max" must not grow past v (1 + t),
                       "min" must not fall below v (1 - t).
-  timing records      {"records": [{"key", "ms", ...}]} from the benchmark harness, against the
-                      same kind of file from the same device: each key's median ms may not grow
-                      past the baseline's by more than --tolerance. Records that could not run
-                      ("unavailable"/"error") are reported, not compared.
+  timing records      the JSON a benchmark writes through benchmarks/harness.py
+                      ({"environment": {"device", ...}, "records": [{"key", "median_ms", "status", ...}]}),
+                      against the same kind of file from the same device: each key's median ms may
+                      not grow past the baseline's by more than --tolerance. Records that could not
+                      run ("unavailable"/"error") are reported, not compared.
 A figure better than its baseline passes, with a note to update the baseline.
 """
 
@@ -50,25 +51,35 @@ def compare_figures(results: dict, baseline: dict) -> tuple[list[str], list[str]
     return regressions, notes
 
 
+def _device(run: dict, which: str) -> str:
+    try:
+        return run["environment"]["device"]
+    except (KeyError, TypeError):
+        raise ValueError(f"the {which} has no environment.device: not a benchmark harness JSON") from None
+
+
 def compare_records(results: dict, baseline: dict, tolerance: float) -> tuple[list[str], list[str]]:
-    """(regressions, notes) for timing records of one device."""
-    if results.get("device") != baseline.get("device"):
-        raise ValueError(f"results are from {results.get('device')!r}, the baseline from {baseline.get('device')!r}: "
-                         "timings compare only on the same device")
+    """(regressions, notes) for the timing records of one device."""
+    got_device, want_device = _device(results, "results"), _device(baseline, "baseline")
+    if got_device != want_device:
+        raise ValueError(f"results are from {got_device!r}, the baseline from {want_device!r}: timings compare only on the same device")
     regressions, notes = [], []
-    base = {r["key"]: r for r in baseline["records"] if r.get("ms") is not None}
+    base = {r["key"]: r["median_ms"] for r in baseline["records"] if r.get("median_ms") is not None}
     for r in results["records"]:
-        if r.get("ms") is None:
+        ms = r.get("median_ms")
+        if ms is None:
             notes.append(f"{r['key']}: {r.get('status', 'no timing')}")
             continue
         if r["key"] not in base:
-            notes.append(f"{r['key']}: {r['ms']:.4g} ms, not in the baseline")
+            notes.append(f"{r['key']}: {ms:.4g} ms, not in the baseline")
             continue
-        want = base[r["key"]]["ms"]
-        if r["ms"] > want * (1 + tolerance):
-            regressions.append(f"{r['key']}: {r['ms']:.4g} ms, baseline {want:.4g} ms (+{r['ms'] / want - 1:.0%})")
-        elif r["ms"] < want * (1 - tolerance):
-            notes.append(f"{r['key']}: {r['ms']:.4g} ms, {1 - r['ms'] / want:.0%} faster than the baseline; update it")
+        want = base[r["key"]]
+        if ms > want * (1 + tolerance):
+            regressions.append(f"{r['key']}: {ms:.4g} ms, baseline {want:.4g} ms (+{ms / want - 1:.0%})")
+        elif ms < want * (1 - tolerance):
+            notes.append(f"{r['key']}: {ms:.4g} ms, {1 - ms / want:.0%} faster than the baseline; update it")
+    for key in sorted(set(base) - {r["key"] for r in results["records"]}):
+        regressions.append(f"{key}: in the baseline, missing from the results")
     return regressions, notes
 
 

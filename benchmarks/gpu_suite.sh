@@ -2,7 +2,7 @@
 # What a lent GPU owes: the GPU tests, every benchmark, and the summary of their headline figures.
 # Each stage fits one 10-minute device call; together they take about 25 minutes.
 #
-#   bash benchmarks/gpu_suite.sh tests          # kernel, model, sampler and benchmark tests on CUDA (~3 min)
+#   bash benchmarks/gpu_suite.sh tests          # kernel, attention, model, sampler and benchmark tests on CUDA (~4 min)
 #   bash benchmarks/gpu_suite.sh rmsnorm        # RMSNorm sweeps: full, then residual (~7 min)
 #   bash benchmarks/gpu_suite.sh ce             # fused linear cross-entropy sweep (~5 min)
 #   bash benchmarks/gpu_suite.sh train          # train step, 32B layers, eager configs (~4 min)
@@ -17,8 +17,8 @@
 # <stage>-<device>.json plus a log; at most 4 files per stage, so each call's files come back.
 # Copy the JSON into benchmarks/results/ and commit it with the date of the run. The summary
 # stage reads benchmarks/results/ (RESULTS=... to change) and names the device by $DEVICE, or by
-# the GPU when there is one. Liger-Kernel is not on the GPU image: carry its wheel (pure Python)
-# as .whl/ and this script installs it; without it Liger is recorded as unavailable.
+# the GPU when there is one. Liger-Kernel and pytest are not on the GPU image: carry their wheels
+# (pure Python; benchmarks/README.md has the download line) as .whl/ and this script installs them.
 set -uo pipefail
 usage="usage: gpu_suite.sh tests|rmsnorm|ce|train|train-compile|sampler|summary|all|compare"
 stage=${1:?$usage}
@@ -47,6 +47,7 @@ run_stage() {
         dev=${DEVICE:-$(gpu_name)} || { echo "summary: set DEVICE=<device name as in the result files>" >&2; return 1; }
         $PY -m benchmarks.summary --dir "$RESULTS" --device "$dev" || return 1
         $PY -m benchmarks.project --results "$RESULTS/summary-$dev.json" | tee "$RESULTS/projection-$dev.txt"
+        [ "$OUT" -ef "$RESULTS" ] || cp "$RESULTS/summary-$dev.json" "$RESULTS/projection-$dev.txt" "$OUT"/  # so a device call returns them
         return 0  # the projection says itself what it lacks; a partial summary is still a summary
     fi
     dev=$(gpu_name) || return 1
@@ -65,6 +66,7 @@ run_stage() {
         ;;
     tests)
         $PY -m pytest -q -p no:cacheprovider tests/test_rmsnorm.py tests/test_cross_entropy.py tests/test_kernels_backend.py \
+            tests/test_attention.py tests/test_paged_attention.py tests/test_sampler.py \
             tests/test_model.py tests/test_bench_smoke.py tests/test_bench_train_step.py tests/test_bench_sampler.py \
             tests/test_bench_kernel_choice.py tests/test_bench_summary.py tests/test_project.py 2>&1 | tee "$OUT/tests-$dev.log" | tail -30 || status=1
         ;;

@@ -207,16 +207,18 @@ def run_sweep(
             w = work(case, mode)
             for name, build in providers.items():
                 rec = Record(bench, dict(case), mode, name, work=asdict(w))
+                runnable = None
                 try:
                     runnable = build(case, mode, device)
                     rec.median_ms = time_ms(runnable, device, warmup_ms, rep_ms)
                     rec.peak_extra_bytes = peak_extra_bytes(runnable, device)
-                    del runnable
                 except Unavailable as e:
                     rec.status = f"unavailable: {e}"
                 except Exception as e:  # noqa: BLE001  (recorded, printed, and turned into the exit status)
                     rec.status = f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
                     log(traceback.format_exc())
+                finally:
+                    runnable = None  # a failed provider's inputs must not sit under the next one's
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 if rec.median_ms:

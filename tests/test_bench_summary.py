@@ -3,8 +3,13 @@ partial stage gives null and says why, and the train section feeds the projectio
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import project, summary
 from tests.test_project import fake_fit, fake_results
@@ -116,3 +121,29 @@ def test_the_command_writes_the_summary(tmp_path, capsys):
     assert all(k in written for k in summary.HEADLINES + ("device", "commit", "command", "date"))
     out = capsys.readouterr().out
     assert "rmsnorm_bw_fraction          0.9000" in out and "goal train_mfu_32b_layers >= 0.5: met" in out
+
+
+def _suite(stage, env_extra):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, **env_extra}
+    return subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), stage], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_suite_script_on_a_machine_without_a_gpu(tmp_path):
+    """The script's own plumbing: a bad stage, a GPU stage refused here, and the summary stage (which needs no
+    GPU) writing summary-<device>.json and the projection under RESULTS and returning both in OUT."""
+    bad = _suite("bogus", {})
+    assert bad.returncode == 2 and "unknown stage bogus" in bad.stderr
+    if not torch.cuda.is_available():
+        refused = _suite("rmsnorm", {"OUT": str(tmp_path / "out0")})
+        assert refused.returncode == 1 and "no CUDA device here" in refused.stderr
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    write_stages(results)
+    done = _suite("summary", {"DEVICE": DEV, "RESULTS": str(results), "OUT": str(out)})
+    assert done.returncode == 0, done.stderr
+    for folder in (results, out):
+        written = json.loads((folder / f"summary-{DEV}.json").read_text())
+        assert written["rmsnorm_bw_fraction"] == pytest.approx(0.9)
+        projection = (folder / f"projection-{DEV}.txt").read_text()
+        assert projection.startswith("LIMO recipe on one 8 x H100 node") and done.stdout.endswith(projection)

@@ -34,15 +34,40 @@ def test_improvements_pass_with_a_note():
     assert any("syncs" in n and "better" in n for n in notes) and any("new: not in the baseline" in n for n in notes)
 
 
-def test_timing_records_of_one_device(tmp_path):
-    base = {"device": "H100", "records": [{"key": "a", "ms": 1.0}, {"key": "b", "ms": 2.0}]}
-    run = {"device": "H100", "records": [{"key": "a", "ms": 1.05}, {"key": "b", "ms": 2.5}, {"key": "c", "ms": None, "status": "unavailable: no liger"}]}
-    regressions, notes = compare_records(run, base, tolerance=0.10)
-    assert regressions == ["b: 2.5 ms, baseline 2 ms (+25%)"]
-    assert any("unavailable" in n for n in notes)
+def _scaled(run: dict, factor: dict) -> dict:
+    return {**run, "records": [{**r, "median_ms": r["median_ms"] * factor.get(r["key"], 1.0)} for r in run["records"]]}
+
+
+def test_timing_records_as_the_harness_writes_them(tmp_path):
+    """A real benchmark JSON (the RMSNorm smoke sweep on CPU) against itself, slowed down, and from another device."""
+    from benchmarks import bench_rmsnorm
+
+    out = tmp_path / "run.json"
+    assert bench_rmsnorm.main(["--sweep", "smoke", "--providers", "eager", "--modes", "fwd", "--device", "cpu",
+                               "--warmup-ms", "1", "--rep-ms", "2", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())
+    keys = [r["key"] for r in run["records"]]
+    assert len(keys) == 2 and all(r["median_ms"] > 0 for r in run["records"])
+
+    assert compare_records(run, run, tolerance=0.10) == ([], [])
+    slower = _scaled(run, {keys[1]: 1.25})
+    regressions, _ = compare_records(slower, run, tolerance=0.10)
+    assert regressions == [f"{keys[1]}: {slower['records'][1]['median_ms']:.4g} ms, baseline {run['records'][1]['median_ms']:.4g} ms (+25%)"]
+    faster = _scaled(run, {keys[0]: 0.5})
+    regressions, notes = compare_records(faster, run, tolerance=0.10)
+    assert regressions == [] and notes == [f"{keys[0]}: {faster['records'][0]['median_ms']:.4g} ms, 50% faster than the baseline; update it"]
+
+    failed = {**run, "records": [{**run["records"][0], "median_ms": None, "status": "unavailable: no liger"}, run["records"][1]]}
+    regressions, notes = compare_records(failed, run, tolerance=0.10)
+    assert regressions == [] and notes == [f"{keys[0]}: unavailable: no liger"]
+    regressions, _ = compare_records({**run, "records": run["records"][1:]}, run, tolerance=0.10)
+    assert regressions == [f"{keys[0]}: in the baseline, missing from the results"]
+
     with pytest.raises(ValueError, match="timings compare only on the same device"):
-        compare_records({**run, "device": "H200"}, base, 0.1)
-    (tmp_path / "run.json").write_text(json.dumps(run))
-    (tmp_path / "base.json").write_text(json.dumps(base))
-    assert main([str(tmp_path / "run.json"), str(tmp_path / "base.json")]) == 1
-    assert main([str(tmp_path / "run.json"), str(tmp_path / "base.json"), "--tolerance", "0.3"]) == 0
+        compare_records({**run, "environment": {**run["environment"], "device": "NVIDIA H200"}}, run, 0.1)
+    with pytest.raises(ValueError, match="the baseline has no environment.device"):
+        compare_records(run, {"records": run["records"]}, 0.1)
+
+    (tmp_path / "slow.json").write_text(json.dumps(slower))
+    assert main([str(tmp_path / "slow.json"), str(out)]) == 1
+    assert main([str(tmp_path / "slow.json"), str(out), "--tolerance", "0.3"]) == 0

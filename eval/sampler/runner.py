@@ -92,7 +92,10 @@ class ModelRunner:
         log.info("KV cache: %d pages of %d tokens (%.2f GiB)", num_blocks, block_size, num_blocks * page_bytes / 2**30)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if cuda_graphs and self.device.type == "cuda":
-            self._capture_graphs()
+            if kernels.backend("cuda") == "triton":
+                self._capture_graphs()
+            else:  # the torch references index with boolean masks, a host sync that capture forbids
+                log.info("decode runs without CUDA graphs: they need the Triton kernels (kernels on cuda: torch)")
         self.buckets = sorted(self.graphs)
 
     # -- memory ----------------------------------------------------------------------------------
