@@ -8,6 +8,7 @@ cross_entropy, train_step (and train_step-compile), sampler. Headline figures:
   flce_time_ratio_vs_liger   ours / Liger (its default) fused linear cross-entropy forward+backward time,
                              geometric mean over the sweep (< 1: ours is faster)
   flce_mem_ratio_vs_liger    the same for the peak memory a call adds
+                             (details: both also against Liger with fp32 accumulation, our precision)
   train_mfu_32b_layers       causal-aware MFU of one Qwen2.5-32B layer at 16k packed tokens (the per-layer
                              fit that benchmarks/project.py projects from)
   sampler_roofline_fraction  decode tokens/s over the bandwidth roofline: the lowest at batch >= 64
@@ -57,29 +58,48 @@ def rmsnorm_bw_fraction(stage: dict) -> tuple[float, dict]:
     return statistics.median(r["fraction_of_ceiling"] for r in fwd), detail
 
 
-def _flce_pairs(stage: dict) -> dict[str, tuple[dict, dict]]:
-    """Forward+backward cases where ours and Liger (its default) both ran: case -> (ours, liger)."""
+def _flce_pairs(stage: dict, liger: str = "liger") -> dict[str, tuple[dict, dict]]:
+    """Forward+backward cases where ours and a Liger provider both ran: case -> (ours, liger)."""
     ours = {json.dumps(r["case"], sort_keys=True): r for r in _ok(stage["records"], provider="ours", mode="fwd+bwd")}
-    liger = {json.dumps(r["case"], sort_keys=True): r for r in _ok(stage["records"], provider="liger", mode="fwd+bwd")}
-    both = sorted(set(ours) & set(liger))
+    theirs = {json.dumps(r["case"], sort_keys=True): r for r in _ok(stage["records"], provider=liger, mode="fwd+bwd")}
+    both = sorted(set(ours) & set(theirs))
     if not both:
-        statuses = sorted({r["status"] for r in stage["records"] if r["provider"] == "liger"})
-        raise Missing(f"no case where ours and liger both ran forward+backward (liger: {statuses or 'not run'})")
-    return {c: (ours[c], liger[c]) for c in both}
+        statuses = sorted({r["status"] for r in stage["records"] if r["provider"] == liger})
+        raise Missing(f"no case where ours and {liger} both ran forward+backward ({liger}: {statuses or 'not run'})")
+    return {c: (ours[c], theirs[c]) for c in both}
+
+
+def _time_ratios(stage: dict, liger: str) -> dict[str, float]:
+    return {c: o["median_ms"] / lg["median_ms"] for c, (o, lg) in _flce_pairs(stage, liger).items()}
+
+
+def _mem_ratios(stage: dict, liger: str) -> dict[str, float]:
+    ratios = {c: o["peak_extra_bytes"] / lg["peak_extra_bytes"] for c, (o, lg) in _flce_pairs(stage, liger).items()
+              if o["peak_extra_bytes"] and lg["peak_extra_bytes"]}  # fmt: skip
+    if not ratios:
+        raise Missing(f"no forward+backward case with the peak memory of both ours and {liger} (measured on CUDA only)")
+    return ratios
+
+
+def _with_equal_precision(stage: dict, ratios: dict[str, float], of) -> dict:
+    """The headline's per-case ratios, and the same against Liger accumulating in fp32 as we do
+    (its default sums the weight gradient in bf16: half our buffer's memory, not our precision)."""
+    try:
+        fp32 = of(stage, "liger-fp32")
+        equal = {"geomean": _geomean(list(fp32.values())), "per_case": fp32}
+    except Missing as e:
+        equal = {"missing": str(e)}
+    return {"per_case": ratios, "vs_liger_fp32": equal}
 
 
 def flce_time_ratio(stage: dict) -> tuple[float, dict]:
-    ratios = {c: o["median_ms"] / lg["median_ms"] for c, (o, lg) in _flce_pairs(stage).items()}
-    return _geomean(list(ratios.values())), ratios
+    ratios = _time_ratios(stage, "liger")
+    return _geomean(list(ratios.values())), _with_equal_precision(stage, ratios, _time_ratios)
 
 
 def flce_mem_ratio(stage: dict) -> tuple[float, dict]:
-    pairs = _flce_pairs(stage)
-    ratios = {c: o["peak_extra_bytes"] / lg["peak_extra_bytes"] for c, (o, lg) in pairs.items()
-              if o["peak_extra_bytes"] and lg["peak_extra_bytes"]}  # fmt: skip
-    if not ratios:
-        raise Missing("no forward+backward case with the peak memory of both ours and liger (measured on CUDA only)")
-    return _geomean(list(ratios.values())), ratios
+    ratios = _mem_ratios(stage, "liger")
+    return _geomean(list(ratios.values())), _with_equal_precision(stage, ratios, _mem_ratios)
 
 
 def train_section(stages: list[dict]) -> dict:

@@ -34,6 +34,7 @@ def write_stages(folder, sweep="full"):
         case = {"tokens": t}
         ce += [_rec("ours", "fwd+bwd", case, median_ms=ours_ms, peak_extra_bytes=ours_mem),
                _rec("liger", "fwd+bwd", case, median_ms=liger_ms, peak_extra_bytes=liger_mem),
+               _rec("liger-fp32", "fwd+bwd", case, median_ms=2 * ours_ms, peak_extra_bytes=2 * ours_mem),
                _rec("ours", "fwd", case, median_ms=1.0, peak_extra_bytes=1)]  # fmt: skip
     ce.append(_rec("liger", "fwd+bwd", {"tokens": 16384}, status="error: boom"))
     sampler = []
@@ -64,6 +65,9 @@ def test_headlines_from_fake_stages(tmp_path):
     assert s["rmsnorm_bw_fraction"] == pytest.approx(0.9)
     assert s["flce_time_ratio_vs_liger"] == pytest.approx(math.sqrt(0.5 * 2.0))
     assert s["flce_mem_ratio_vs_liger"] == pytest.approx(math.sqrt(0.25 * 1.0))
+    for name in ("flce_time_ratio_vs_liger", "flce_mem_ratio_vs_liger"):
+        equal = s["details"][name]["vs_liger_fp32"]
+        assert equal["geomean"] == pytest.approx(0.5) and list(equal["per_case"].values()) == [0.5, 0.5]
     assert s["train_mfu_32b_layers"] == 0.5
     assert s["sampler_roofline_fraction"] == 0.72
     assert s["memory_plan_rel_error"] == -0.07
