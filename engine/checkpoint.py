@@ -136,10 +136,18 @@ def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield clean_name(name), p.full_tensor() if isinstance(p, DTensor) else p
 
 
-def export_hf(model: torch.nn.Module, path: str | os.PathLike, rank: int, dtype: torch.dtype, tokenizer: Any = None) -> None:
-    """Write the sharded model as a Hugging Face folder from rank 0, one tensor in memory at a time."""
+def export_hf(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    rank: int,
+    dtype: torch.dtype,
+    tokenizer: Any = None,
+    generation_config: str | os.PathLike | None = None,
+) -> None:
+    """Write the sharded model as a Hugging Face folder from rank 0, one tensor in memory at a time
+    (with the base model's generation_config.json when given)."""
     if rank == 0:
-        write_hf(path, model.args, _full_tensors(model), dtype=dtype, tokenizer=tokenizer)
+        write_hf(path, model.args, _full_tensors(model), dtype=dtype, tokenizer=tokenizer, generation_config=generation_config)
     else:
         for _ in _full_tensors(model):  # take part in every all-gather
             pass

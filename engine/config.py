@@ -315,8 +315,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{path}: top-level key {section!r} must be a table like [{section}]")
             for name, value in table.items():
                 _assign(cfg, f"{section}.{name}", value, str(path), from_text=False)
-    for key, text in _split_overrides(overrides or []):
+    pairs = _split_overrides(overrides or [])
+    for key, text in pairs:
         _assign(cfg, key, text, "command line", from_text=True)
+    # model.path and model.preset are one choice: the command line's replaces the recipe's.
+    named = [k for k in ("model.path", "model.preset") if k in dict(pairs) and getattr(cfg.model, k.removeprefix("model.")) is not None]
+    if len(named) > 1:
+        raise ConfigError("command line: model.path and model.preset both given; set exactly one of them")
+    if named:
+        setattr(cfg.model, "path" if named[0] == "model.preset" else "preset", None)
     cfg.check()
     return cfg
 

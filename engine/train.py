@@ -29,7 +29,7 @@ from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops
 from engine.model import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import init_distributed, materialize, parallelize
-from engine.weights import HFCheckpoint, resolve_model_dir
+from engine.weights import GENERATION_CONFIG, HFCheckpoint, resolve_model_dir
 
 log = logging.getLogger("engine.train")
 
@@ -161,7 +161,10 @@ def train(cfg: Config) -> None:
     metrics.close()
 
     if cfg.checkpoint.export_hf:
-        export_hf(model, out / "hf", d.rank, dtype=dtype, tokenizer=tokenizer)
+        base_generation = model_dir / GENERATION_CONFIG if model_dir else None  # sampling defaults vLLM reads
+        if base_generation and not base_generation.is_file():
+            base_generation = None
+        export_hf(model, out / "hf", d.rank, dtype=dtype, tokenizer=tokenizer, generation_config=base_generation)
         log.info("exported the model to %s", out / "hf")
     dist.barrier()
     dist.destroy_process_group()

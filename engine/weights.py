@@ -25,6 +25,7 @@ from engine.model import ModelArgs, Qwen2, build_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -196,44 +197,50 @@ def write_hf(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 5 * 2**30,
     tokenizer: Any = None,
+    generation_config: str | os.PathLike | None = None,
 ) -> None:
-    """Stream (our name, tensor) pairs into an HF folder: config.json, shards + index, tokenizer.
+    """Stream (our name, tensor) pairs into an HF folder: config.json, shards + index, tokenizer,
+    and the base model's generation_config.json when given (vLLM takes default sampling from it).
 
     Only one shard's tensors are held at a time, so a caller gathering a sharded model tensor
     by tensor never holds the whole model. One shard is written as model.safetensors.
     """
 
     def fill(tmp: Path) -> None:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
-        files: list[Path] = []
+        shard: dict[str, torch.Tensor] = {}
+        size = 0
+        written: list[tuple[Path, list[str]]] = []  # (file, its tensor names): the tensors themselves are gone
+        total = 0
 
         def flush() -> None:
-            file = tmp / f"shard-{len(files):05d}.safetensors"
-            save_file(shards[-1], str(file), metadata={"format": "pt"})
-            files.append(file)
+            file = tmp / f"shard-{len(written):05d}.safetensors"
+            save_file(shard, str(file), metadata={"format": "pt"})
+            written.append((file, list(shard)))
+            shard.clear()
 
         for name, t in tensors:
             t = t.detach().to("cpu", dtype).contiguous()
             nbytes = t.numel() * t.element_size()
-            if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            if shard and size + nbytes > max_shard_bytes:
                 flush()
-                shards.append({})
-                sizes.append(0)
-            shards[-1][hf_name(name)] = t
-            sizes[-1] += nbytes
+                size = 0
+            shard[hf_name(name)] = t
+            size += nbytes
+            total += nbytes
         flush()
-        if len(files) == 1:
-            files[0].rename(tmp / SINGLE_FILE)
+        if len(written) == 1:
+            written[0][0].rename(tmp / SINGLE_FILE)
         else:
             weight_map = {}
-            for i, (file, shard) in enumerate(zip(files, shards)):
-                final = tmp / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            for i, (file, names) in enumerate(written):
+                final = tmp / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
                 file.rename(final)
-                weight_map.update({n: final.name for n in shard})
-            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+                weight_map.update({n: final.name for n in names})
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(args.to_hf(dtype), indent=2))
+        if generation_config is not None:
+            shutil.copyfile(generation_config, tmp / GENERATION_CONFIG)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
@@ -252,10 +259,12 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     tokenizer: Any = None,
+    generation_config: str | os.PathLike | None = None,
 ) -> None:
     """Write an unsharded model as a folder transformers' AutoModelForCausalLM loads."""
     dtype = dtype or next(model.parameters()).dtype
-    write_hf(path, model.args, iter_state(model), dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+    write_hf(path, model.args, iter_state(model), dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer,
+             generation_config=generation_config)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,16 @@ def test_dotted_overrides_are_typed():
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
 
 
+def test_the_command_line_model_replaces_the_recipes():
+    """model.path and model.preset are one choice: naming one on the command line drops the recipe's other."""
+    from_folder = load_config(ROOT / "configs/demo.toml", ["--model.path=/models/qwen"])
+    assert (from_folder.model.path, from_folder.model.preset) == ("/models/qwen", None)
+    small = load_config(ROOT / "configs/limo_qwen2.5_32b_8xh100.toml", ["--model.preset=tiny"])
+    assert (small.model.path, small.model.preset) == (None, "tiny")
+    explicit = load_config(ROOT / "configs/limo_qwen2.5_32b_8xh100.toml", ["--model.path=none", "--model.preset=qwen2.5-32b"])
+    assert (explicit.model.path, explicit.model.preset) == (None, "qwen2.5-32b")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -36,7 +46,8 @@ def test_dotted_overrides_are_typed():
         (["--optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
         (["--optim.warmup_ratio=2"], "optim.warmup_ratio=2.0 must lie in [0, 1]"),
         (["--model.preset=gpt5"], "model.preset: unknown preset 'gpt5'"),
-        (["--model.path=/m"], "set exactly one of model.preset and model.path"),
+        (["--model.path=/m", "--model.preset=tiny"], "model.path and model.preset both given; set exactly one of them"),
+        (["--model.preset=none"], "set exactly one of model.preset and model.path"),
         (["--data.tokens_per_microbatch=256"], "data.tokens_per_microbatch=256 is smaller than data.max_tokens=512"),
         (["train.max_steps=4"], "expected --section.key=value"),
         (["--train.max_steps"], "has no value"),

@@ -124,3 +124,36 @@ def test_model_dirs_resolve_locally_and_bad_names_are_named(tmp_path):
     for bad in (str(tmp_path / "missing"), "a/b/c", "./relative"):
         with pytest.raises(WeightsError, match="is not a model folder"):
             resolve_model_dir(bad)
+
+
+def test_export_holds_one_shard_at_a_time_and_keeps_the_generation_config(tmp_path):
+    """Streaming a (gathered) model tensor by tensor: a written shard's tensors are released before
+    the next shard fills, so rank 0 never holds the whole model; the base generation_config.json
+    comes along."""
+    hf = random_hf_qwen2(seed=15)
+    ours = load_pretrained(_save(hf, tmp_path / "src"))
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(json.dumps({"eos_token_id": [7, 3], "temperature": 0.7, "top_p": 0.8}))
+    storages = []  # weak references to each tensor's storage, in the order they are streamed
+    most_alive = 0
+
+    def gathered():
+        nonlocal most_alive
+        for name, p in iter_state(ours):
+            t = p.detach().clone()  # as a gather would: a fresh tensor only the writer holds
+            storages.append(t.untyped_storage()._weak_ref())
+            alive = sum(not torch.UntypedStorage._expired(ref) for ref in storages[:-1])
+            most_alive = max(most_alive, alive)
+            yield name, t
+            del t
+
+    write_hf(tmp_path / "out", ours.args, gathered(), dtype=torch.float32, max_shard_bytes=1, generation_config=gen)
+    assert len(storages) == len(list(ours.parameters())) > 10
+    assert most_alive == 1  # the one tensor of the shard not yet written
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == json.loads(gen.read_text())
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.arange(17) % 203
+    assert torch.equal(_logits(back, ids, ours=False), _logits(hf, ids, ours=False))
+    assert back.generation_config.eos_token_id == [7, 3]
+    for ref in storages:
+        torch.UntypedStorage._free_weak_ref(ref)
