@@ -103,6 +103,54 @@ def test_export_loads_in_transformers_with_the_checkpoints_logits(reference):
         assert rel_err(theirs(ids[None]).logits[0], ours.logits(ours(ids))) < 1e-5
 
 
+def test_fine_tuning_an_hf_folder_on_limo_jsonl_starts_from_transformers_loss(tmp_path):
+    """The real use, made small: model.path is a transformers folder (its tokenizer and
+    generation_config.json inside), data.path a LIMO-format .jsonl. Each of 2 ranks loads only its
+    shards; the first step's loss equals transformers' summed token loss over the same global
+    batch (each sample alone, unpacked) / its supervised token count; the export carries the
+    tokenizer and generation config."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    from data import synthetic
+    from data.dataset import load_samples
+    from data.loader import PackedLoader
+    from engine.config import load_config
+    from tests.conftest import random_hf_qwen2
+
+    folder, data = tmp_path / "qwen-small", tmp_path / "limo.jsonl"
+    hf = random_hf_qwen2(seed=31, vocab_size=272, num_hidden_layers=2)
+    hf.save_pretrained(folder)
+    synthetic.byte_tokenizer().save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [258, 259], "temperature": 0.7}))
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic.train_split(12, seed=5)))
+    extra = [f"--model.path={folder}", f"--data.path={data}", "--data.samples_per_step=4", "--train.max_steps=2"]
+    train(tmp_path / "run", 2, *extra)
+
+    cfg = load_config(ROOT / "configs/demo.toml", SMALL + extra)
+    samples, _ = load_samples(cfg.data, AutoTokenizer.from_pretrained(folder))
+    loader = PackedLoader(samples, samples_per_step=4, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
+                          epochs=cfg.train.epochs, world_size=1, rank=0, seed=cfg.train.seed)  # fmt: skip
+    first = loader.batch(0)
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for i in first.sample_indices:
+            s = samples[i]
+            logits = hf(s.input_ids.long()[None]).logits[0].double()
+            total += F.cross_entropy(logits[:-1], s.labels[1:].long(), ignore_index=-100, reduction="sum")
+    want = total / first.num_label_tokens
+    assert len(first.sample_indices) == 4 and first.num_label_tokens > 100
+    assert abs(losses(tmp_path / "run")[0] - want.item()) < 1e-5 * want.item()
+
+    export = tmp_path / "run" / "hf"
+    assert json.loads((export / "generation_config.json").read_text()) == {"eos_token_id": [258, 259], "temperature": 0.7}
+    source, exported = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(export)
+    chat = [{"role": "user", "content": "Compute 1 + 2."}, {"role": "assistant", "content": "\\boxed{3}"}]
+    assert exported.apply_chat_template(chat, tokenize=False) == source.apply_chat_template(chat, tokenize=False)
+    assert exported("Compute 1 + 2.").input_ids == source("Compute 1 + 2.").input_ids
+    assert json.loads((export / "config.json").read_text())["vocab_size"] == 272
+
+
 def test_training_on_the_triton_kernels_matches_the_torch_kernels(reference, tmp_path):
     out = tmp_path / "triton"
     proc = train(out, 2, "--train.max_steps=3", "--checkpoint.export_hf=false", backend="triton")
