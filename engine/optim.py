@@ -60,6 +60,15 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
                 denom = (v32.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
                 param.addcdiv_(m32, denom, value=-group["lr"] / (1 - beta1**step))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded moments to the parameter's dtype (fp32): store them in ours again
+        (bf16 -> fp32 -> bf16 is exact), or a resumed run would hold fp32 moments from then on."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t

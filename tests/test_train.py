@@ -87,6 +87,21 @@ def test_sigkill_during_a_step_and_during_a_save_then_rerun(reference, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
 
 
+def test_resume_with_the_recipes_bf16_moments_and_weight_decay(tmp_path):
+    """The LIMO recipe's optimizer (bf16 moments, weight decay) resumes bitwise, moments still bf16."""
+    recipe = ("--optim.state_dtype=bfloat16", "--optim.weight_decay=0.1")
+    train(tmp_path / "straight", 1, *recipe)
+    out = tmp_path / "resumed"
+    assert train(out, 1, *recipe, crash_at="step:3", check=False).returncode != 0
+    train(out, 1, *recipe)
+    assert losses(out) == losses(tmp_path / "straight")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(out / "checkpoints" / "step-00000006")).read_metadata()
+    moments = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items() if "exp_avg" in k}
+    assert moments and set(moments.values()) == {torch.bfloat16}
+
+
 def test_export_loads_in_transformers_with_the_checkpoints_logits(reference):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
