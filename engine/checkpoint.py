@@ -7,10 +7,12 @@ Layout of `output_dir/checkpoints/`:
         rng-rank{r}.json        each rank's RNG states
     .step-00000060.tmp/         a save in progress (or one killed halfway): never read, removed later
 
-Atomicity: every rank writes into the hidden tmp folder, all ranks meet at a barrier, then
-rank 0 renames it to `step-N/` (an atomic rename on one filesystem). A process killed before
-the rename leaves the newest complete checkpoint untouched. Only tensors go through DCP, so
-loading never unpickles anything; the rest is JSON.
+Atomicity: every rank writes into the hidden tmp folder and fsyncs it, all ranks meet at a
+barrier, then rank 0 renames it to `step-N/` (an atomic rename on one filesystem, which every
+rank must share) and fsyncs the parent. A process killed before the rename leaves the newest
+complete checkpoint untouched; one whose train_state.json cannot be read is passed over for the
+one before it. Only tensors go through DCP, and its one pickle, the `.metadata` index, is read
+by an unpickler that admits DCP's own metadata classes and nothing else; the rest is JSON.
 
 `ENGINE_CRASH_AT=save:N` (tests only) kills the process with SIGKILL halfway through the save
 of step N: after the shards are written, before the rename.
@@ -22,6 +24,7 @@ import base64
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -32,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -71,6 +76,58 @@ def _set_rng_state(states: dict[str, str]) -> None:
         torch.cuda.set_rng_state(tensor(states["cuda"]))
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: admit the classes it is made of, refuse anything else."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }  # fmt: skip
+
+    def __init__(self, file, where: str):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in self.MODULES or (module, name) in self.NAMES or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{self.where}: names {module}.{name}, which no checkpoint of ours holds; refusing to load it")
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata index is read by _MetadataUnpickler (tensors already go
+    through torch.load(weights_only=True))."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self.fs.concat_path(self.path, ".metadata")
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f, str(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path}: not a DCP metadata index")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Checkpointer:
     def __init__(self, output_dir: str | os.PathLike, keep_last: int, rank: int):
         self.root = Path(output_dir) / "checkpoints"
@@ -83,8 +140,22 @@ class Checkpointer:
         return sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / "train_state.json").is_file())
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
+        """The newest complete checkpoint whose train state reads back (a torn one is passed over)."""
+        for path in reversed(self.complete()):
+            try:
+                json.loads((path / "train_state.json").read_text())
+                return path
+            except (OSError, ValueError) as e:
+                log.warning("%s: train_state.json unreadable (%s); trying the checkpoint before it", path, e)
+        return None
+
+    def resume_point(self) -> Path | None:
+        """latest() as rank 0 sees it, the same on every rank (directory listings may lag elsewhere)."""
+        latest = self.latest() if self.rank == 0 else None
+        choice = [str(latest) if latest else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
 
     def _tensors(self, model, optimizer) -> dict[str, Any]:
         # Optimizer param_groups hold Python numbers (lr, betas): they come from the config and
@@ -98,15 +169,17 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        dcp.save(self._tensors(model, optimizer), checkpoint_id=str(tmp))
-        (tmp / f"rng-rank{self.rank}.json").write_text(json.dumps(_rng_state()))
+        dcp.save(self._tensors(model, optimizer), checkpoint_id=str(tmp))  # its writer fsyncs the shards
+        _write_durably(tmp / f"rng-rank{self.rank}.json", json.dumps(_rng_state()))
         dist.barrier()
         crash_point(f"save:{step}")
         if self.rank == 0:
-            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
-            if final.exists():  # re-saving a step after a resume: replace it
-                shutil.rmtree(final)
+            if final.exists():  # train.py refuses to start a fresh run over old checkpoints, so never
+                raise RuntimeError(f"{final} already exists: another run is writing checkpoints into {self.root}")
+            _write_durably(tmp / "train_state.json", json.dumps(train_state, indent=1))
+            _fsync_dir(tmp)
             os.rename(tmp, final)
+            _fsync_dir(self.root)
             self._prune()
         dist.barrier()
         return final
@@ -120,7 +193,7 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from `path`; returns the train state."""
         tensors = self._tensors(model, optimizer)
-        dcp.load(tensors, checkpoint_id=str(path))
+        dcp.load(tensors, storage_reader=SafeReader(str(path)))
         set_model_state_dict(model, tensors["model"])
         groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
         set_optimizer_state_dict(model, optimizer, {"state": tensors["optim"], "param_groups": groups})

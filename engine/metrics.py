@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,19 @@ import torch
 from engine.model import ModelArgs
 
 # Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, without sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+# The first name that is part of the device's name wins: the PCIe and NVL H100s come before the SXM one.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
+                   "B200": 2250e12}  # fmt: skip
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, or None where none is known (CPUs, other GPUs)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
@@ -77,8 +83,17 @@ class MetricsLogger:
         """On resume, forget steps after the checkpoint: they are about to be run again."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a crash mid-write: that step is about to run again
+                continue
+            if record["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -66,8 +66,10 @@ def init_distributed(device: str, dp_replicate: int) -> Distributed:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # torchrun shows a process all of its node's GPUs; a launcher that shows each task one
+        # (srun --gpus-per-task=1) numbers them from 0 in every process.
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():

@@ -90,6 +90,14 @@ def train(cfg: Config) -> None:
     )
     total_steps = min(cfg.train.max_steps or loader.total_steps, loader.total_steps)
 
+    checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, d.rank)
+    latest = checkpointer.resume_point()
+    if latest is not None and not cfg.checkpoint.resume:  # a fresh run's saves would interleave with the old ones
+        raise RuntimeError(
+            f"checkpoint.resume=false, but {checkpointer.root} holds checkpoints of an earlier run (newest: {latest.name}); "
+            "choose another train.output_dir, or remove that folder"
+        )
+
     plan = plan_memory(cfg, args, d.world_size, *device_capacity_gib(d.device))
     log.info("memory plan per rank (%s):\n%s", d.device.type, plan.report())
     if not plan.fits and cfg.train.memory_check:
@@ -101,12 +109,12 @@ def train(cfg: Config) -> None:
     model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
     parallelize(model, d.mesh, cfg.parallel, param_dtype=dtype)
     materialize(model, d.device, hf, seed=cfg.train.seed, std=cfg.model.init_std)
+    if hf:
+        hf.close()  # every rank has its slices: unmap the safetensors files
     optimizer = build_optimizer(model, cfg.optim, d.device)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-
-    checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, d.rank)
     step, bad_steps = 0, 0
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+
     if latest is not None:
         state = checkpointer.load(latest, model, optimizer)
         step, bad_steps = state["step"], state["bad_steps"]
@@ -156,6 +164,7 @@ def train(cfg: Config) -> None:
         periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
         if epoch_end or periodic or step == total_steps:
             save(batch.epoch)
+            last_sync = time.perf_counter()  # the next step's time leaves the save out
         if step >= total_steps:
             break
     metrics.close()

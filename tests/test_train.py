@@ -95,11 +95,21 @@ def test_resume_with_the_recipes_bf16_moments_and_weight_decay(tmp_path):
     assert train(out, 1, *recipe, crash_at="step:3", check=False).returncode != 0
     train(out, 1, *recipe)
     assert losses(out) == losses(tmp_path / "straight")
-    from torch.distributed.checkpoint import FileSystemReader
+    from engine.checkpoint import SafeReader
 
-    metadata = FileSystemReader(str(out / "checkpoints" / "step-00000006")).read_metadata()
+    metadata = SafeReader(str(out / "checkpoints" / "step-00000006")).read_metadata()
     moments = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items() if "exp_avg" in k}
     assert moments and set(moments.values()) == {torch.bfloat16}
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_old_checkpoints(tmp_path):
+    old = tmp_path / "run" / "checkpoints" / "step-00000006"
+    old.mkdir(parents=True)
+    (old / "train_state.json").write_text('{"step": 6}')
+    proc = train(tmp_path / "run", 1, "--checkpoint.resume=false", check=False)
+    assert proc.returncode != 0
+    assert "checkpoint.resume=false, but" in proc.stderr and "holds checkpoints of an earlier run (newest: step-00000006)" in proc.stderr
+    assert sorted(p.name for p in old.parent.iterdir()) == ["step-00000006"] and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_export_loads_in_transformers_with_the_checkpoints_logits(reference):
