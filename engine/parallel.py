@@ -13,7 +13,12 @@ import hashlib
 import logging
 import os
 import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,6 +54,44 @@ class Distributed:
         """This rank's index among data-parallel ranks (every rank is data-parallel here)."""
         return self.rank
 
+    @contextmanager
+    def node_leaders_first(self, timeout: timedelta = timedelta(hours=4)) -> Iterator[None]:
+        """Run the body on each node's local rank 0 first, then on its other ranks: hub downloads
+        happen once per node and the rest read the cache. The wait is a gloo barrier with a long
+        timeout (a 65 GB download outlasts NCCL's default 10 minutes)."""
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        try:
+            if self.local_rank != 0:
+                dist.barrier(group=group)
+                yield
+            else:
+                try:
+                    yield
+                finally:  # a leader that failed lets the others go and fail with their own message
+                    dist.barrier(group=group)
+        finally:
+            dist.destroy_process_group(group)
+
+    def check_shared_folder(self, folder: Path) -> None:
+        """Checkpoints are renamed by rank 0 alone: every rank must see the folder rank 0 sees."""
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = [f".shared-{uuid.uuid4().hex}" if self.rank == 0 else None]
+        dist.broadcast_object_list(probe, src=0)
+        if self.rank == 0:
+            (folder / probe[0]).touch()
+        dist.barrier()
+        seen = torch.tensor([int((folder / probe[0]).exists())], device=self.device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        blind = int(seen.item()) == 0
+        dist.barrier()
+        if self.rank == 0:
+            (folder / probe[0]).unlink()
+        if blind:
+            raise RuntimeError(
+                f"train.output_dir={folder} is not one folder for every rank (some rank, e.g. on another node, does not see "
+                f"what rank 0 writes there): checkpoints need a filesystem all ranks share"
+            )
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -56,8 +99,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str, dp_replicate: int) -> Distributed:
-    """Join (or, outside torchrun, create a one-process) group: NCCL on GPUs, gloo on CPU."""
+def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) -> Distributed:
+    """Join (or, outside torchrun, create a one-process) group: NCCL on GPUs (plus gloo for host
+    tensors under CPU offload), gloo on CPU."""
     if "RANK" not in os.environ:  # plain `python engine/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -73,7 +117,9 @@ def init_distributed(device: str, dp_replicate: int) -> Distributed:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        # Under CPU offload the gradients clipped (and their norms reduced) live in host memory: gloo does those.
+        backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
     if world % dp_replicate:
         raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world}")
     if dp_replicate > 1:
@@ -159,9 +205,12 @@ def _seeded_normal(name: str, shape: torch.Size, rows: slice, std: float, seed: 
 
 
 @torch.no_grad()
-def materialize(model: Qwen2, device: torch.device, checkpoint: HFCheckpoint | None = None, seed: int = 0, std: float = 0.02) -> None:
-    """Allocate this rank's shards on `device` and fill them: from `checkpoint` or a seeded init."""
-    model.to_empty(device=device)
+def materialize(
+    model: Qwen2, device: torch.device, checkpoint: HFCheckpoint | None = None, seed: int = 0, std: float = 0.02, cpu_offload: bool = False
+) -> None:
+    """Allocate this rank's shards on `device` (in host memory under CPU offload, where FSDP2
+    wants them) and fill them: from `checkpoint` or a seeded init."""
+    model.to_empty(device="cpu" if cpu_offload else device)
     model.tie_weights()
     if checkpoint is not None:
         checkpoint.validate()

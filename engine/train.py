@@ -62,7 +62,8 @@ def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     dist.all_reduce(loss_sum)
-    loss_value, norm_value = torch.stack([loss_sum / divisor, grad_norm.full_tensor()]).tolist()  # host sync
+    norm = grad_norm.full_tensor().to(device)  # on the host under CPU offload
+    loss_value, norm_value = torch.stack([loss_sum / divisor, norm]).tolist()  # host sync
     return loss_value, norm_value
 
 
@@ -71,15 +72,17 @@ def train(cfg: Config) -> None:
     from data.loader import PackedLoader
     from data.packing import CostModel
 
-    d = init_distributed(cfg.train.device, cfg.parallel.dp_replicate)
+    d = init_distributed(cfg.train.device, cfg.parallel.dp_replicate, cfg.parallel.cpu_offload)
     logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     kernels.set_backend(cfg.train.kernels)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
 
-    model_dir = resolve_model_dir(cfg.model.path) if cfg.model.path else None
-    tokenizer = resolve_tokenizer(cfg.data, model_path=model_dir)
-    samples, report = load_samples(cfg.data, tokenizer)
+    d.check_shared_folder(out)
+    with d.node_leaders_first():  # hub ids download once per node
+        model_dir = resolve_model_dir(cfg.model.path) if cfg.model.path else None
+        tokenizer = resolve_tokenizer(cfg.data, model_path=model_dir)
+        samples, report = load_samples(cfg.data, tokenizer)
     hf = HFCheckpoint(model_dir) if model_dir else None
     args = hf.args if hf else PRESETS[cfg.model.preset]
     if report.max_token_id >= args.vocab_size:
@@ -108,10 +111,10 @@ def train(cfg: Config) -> None:
     dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
     model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
     parallelize(model, d.mesh, cfg.parallel, param_dtype=dtype)
-    materialize(model, d.device, hf, seed=cfg.train.seed, std=cfg.model.init_std)
+    materialize(model, d.device, hf, seed=cfg.train.seed, std=cfg.model.init_std, cpu_offload=cfg.parallel.cpu_offload)
     if hf:
         hf.close()  # every rank has its slices: unmap the safetensors files
-    optimizer = build_optimizer(model, cfg.optim, d.device)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else d.device)  # where the shards live
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     step, bad_steps = 0, 0
 

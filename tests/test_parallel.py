@@ -1,5 +1,7 @@
 """The FSDP2 plan on CPU processes: sharded == unsharded, and world-size-independent init."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -84,3 +86,36 @@ def test_seeded_init_does_not_depend_on_world_size(tmp_path):
         assert torch.equal(one[name], three[name]), name
     assert one["embed_tokens.weight"].std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.equal(one["norm.weight"], torch.ones(128)) and torch.equal(one["layers.0.self_attn.q_proj.bias"], torch.zeros(128))
+
+
+def _startup(rank, world, root, local_ranks):
+    import json
+    import time
+    from pathlib import Path
+
+    os.environ["LOCAL_RANK"] = str(local_ranks[rank])  # two "nodes": ranks 0, 1 and ranks 2, 3
+    d = init_distributed("cpu", 1)
+    root = Path(root)
+    with d.node_leaders_first():  # a leader's "download" is done before its node's others start
+        if d.local_rank == 0:
+            time.sleep(0.5)
+            (root / f"node-{rank}").write_text("fetched")
+        else:
+            leader = rank - d.local_rank
+            assert (root / f"node-{leader}").read_text() == "fetched"
+    d.check_shared_folder(root / "shared")  # one folder for all: passes
+    try:
+        d.check_shared_folder(root / f"rank-{rank}")  # a folder per rank, as on unshared node-local disks
+        outcome = "passed"
+    except RuntimeError as e:
+        outcome = str(e)
+    (root / f"outcome-{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_startup_fetches_once_per_node_and_needs_a_shared_output_dir(tmp_path):
+    import json
+
+    distributed.run(_startup, 4, str(tmp_path), [0, 1, 0, 1])
+    outcomes = [json.loads((tmp_path / f"outcome-{r}.json").read_text()) for r in range(4)]
+    assert all(f"rank-{r} is not one folder for every rank" in o for r, o in enumerate(outcomes)), outcomes  # every rank stops
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == []  # the probe is cleaned up
