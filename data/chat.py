@@ -70,7 +70,9 @@ def encode(sample: Sample | list[dict[str, str]], tokenizer: Any, system_prompt:
             if token in message["content"]:
                 raise DataError(f"{sample.where}: messages[{i}] ({message['role']}) contains the control token {token!r}")
     text, spans = reply_spans(tokenizer, with_system(sample.messages, system_prompt), sample.where)
-    enc = tokenizer(text, return_offsets_mapping=True)
+    # The rendered template already holds every special token it wants (a BOS too, for templates
+    # that write one): the tokenizer must not add its own, as the sampler does not either.
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     labels = [IGNORE] * len(ids)
     for start, end in spans:

@@ -58,8 +58,12 @@ class SourceReport:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -71,6 +75,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
@@ -195,7 +201,10 @@ def to_sample(record: Any, fmt: str, where: str) -> Sample:
     if fmt == "limo":
         question, solution = _text(record, "question", where), _text(record, "solution", where)
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": solution}]
-        return Sample(messages, where, _text(record, "answer", where))
+        answer = record.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # {"answer": 42} is an answer too
+            answer = str(answer)
+        return Sample(messages, where, _text({"answer": answer} if "answer" in record else {}, "answer", where))
     if fmt == "alpaca":
         instruction, extra = _text(record, "instruction", where), _text(record, "input", where, required=False)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction

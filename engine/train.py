@@ -9,6 +9,7 @@ the same command resumes from the newest complete checkpoint in train.output_dir
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -186,11 +187,18 @@ def train(cfg: Config) -> None:
 
 def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
     """Rank 0 alone, after the process group is gone: the other ranks never wait on a collective."""
-    from eval.run import LIMO_SYSTEM_PROMPT, evaluate_folder
+    from eval.run import LIMO_SYSTEM_PROMPT, evaluate_folder, model_fingerprint
 
+    results = out / "eval"
+    if (results / "config.json").is_file():  # results of an earlier export (a longer run since): set them aside
+        earlier = json.loads((results / "config.json").read_text()).get("model")
+        if earlier != model_fingerprint(out / "hf"):
+            aside = out / f"eval-{earlier or 'unknown'}"
+            log.warning("%s holds results of another export (model %s); moved to %s", results, earlier, aside)
+            results.rename(aside)
     log.info("evaluating %s on %s", out / "hf", ", ".join(cfg.eval.benchmarks))
     evaluate_folder(
-        out / "hf", cfg.eval.benchmarks, out / "eval", device=device.type,
+        out / "hf", cfg.eval.benchmarks, results, device=device.type,
         dtype="bfloat16" if device.type == "cuda" else "float32",
         samples=cfg.eval.samples or None, temperature=cfg.eval.temperature if cfg.eval.samples else None,
         max_tokens=cfg.eval.max_tokens, limit=cfg.eval.limit or None,

@@ -144,7 +144,10 @@ def _gpqa(record: dict, index: int, where: str) -> Problem:
         if m is None:
             raise RecordError(f"{where}: GPQA question does not end in options 'A. ..' to 'D. ..' and the instruction")
         stem, options, instruction = m.group(1).strip(), [o.strip() for o in m.groups()[1:5]], m.group(6).strip()
-        right = _LETTERS.index(str(_field(record, ("answer",), where)).strip())
+        letter = str(_field(record, ("answer",), where)).strip()
+        if len(letter) != 1 or letter not in _LETTERS:
+            raise RecordError(f"{where}: GPQA answer {letter!r} is not one of the option letters A, B, C, D")
+        right = _LETTERS.index(letter)
     order = gpqa_shuffle(pid, options)
     shown = "\n".join(f"{_LETTERS[i]}. {options[j]}" for i, j in enumerate(order))
     return Problem(pid, f"{stem}\n\n{shown}\n\n{instruction}", (_LETTERS[order.index(right)],))
@@ -188,7 +191,10 @@ def _read_records(path: Path) -> Iterable[tuple[dict, str]]:
                     except json.JSONDecodeError as e:
                         raise RecordError(f"{path}:{lineno}: not JSON ({e.msg})") from e
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}:{e.lineno}: not JSON ({e.msg})") from e
         data = data.get("data", data) if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise RecordError(f"{path}: expected a list of records or {{'data': [...]}}")

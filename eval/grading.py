@@ -26,6 +26,12 @@ DEFAULT_TIMEOUT_S = 5.0
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BARE_BOX_RE = re.compile(r"\s+([^\s$]+)")
 _CHOICE_RE = re.compile(r"^\(?([A-J])\)?(?:$|[.:)\s])")
+# Option letters standing alone, and the words that join them in a hedge ("A or B", "(A), (C)").
+_LETTER_TOKEN_RE = re.compile(r"(?<![A-Za-z\\])\(?([A-J])\)?(?![A-Za-z])")
+_HEDGE_GLUE_RE = re.compile(r"(?:\b(?:or|and|both)\b|[\s,;/&.]|\\[,;!]|~)+", re.IGNORECASE)
+# Longer extracted answers are compared as exact strings only: no real answer is this long, and
+# normalising pathological nestings (`\text{\text{...}}` x 10^4) would cost seconds outside the time limit.
+MAX_ANSWER_CHARS = 1000
 
 _pool: WorkerPool | None = None
 _pool_lock = threading.Lock()
@@ -68,9 +74,16 @@ def extract_answer(text: str) -> str | None:
 
 
 def choice_letter(text: str) -> str | None:
-    """The option letter an answer names ("C", "(C)", "C. 5", "\\text{C}"), or None."""
-    m = _CHOICE_RE.match(normalize(text))
-    return m.group(1) if m else None
+    """The option letter an answer names ("C", "(C)", "C. 5", "\\text{C}"), or None; None also for
+    a hedge that names several options and nothing else ("A or B", "(A) and (C)", "A, B")."""
+    norm = normalize(text)
+    m = _CHOICE_RE.match(norm)
+    if m is None:
+        return None
+    letters = {t.group(1) for t in _LETTER_TOKEN_RE.finditer(norm)}
+    if len(letters) > 1 and not _HEDGE_GLUE_RE.sub("", _LETTER_TOKEN_RE.sub("", norm)):
+        return None
+    return m.group(1)
 
 
 def _gold_text(gold: str | int | float) -> str:
@@ -94,6 +107,8 @@ def is_equivalent(pred: str | None, gold: str | int | float, *, timeout_s: float
     for a comparison that does not finish within `timeout_s` or exhausts its worker's memory cap
     (safe from any thread). A worker that cannot start, or a bug in the comparison, raises."""
     gold = _gold_text(gold)
+    if pred is not None and len(pred) > MAX_ANSWER_CHARS:
+        return pred.strip() == gold.strip()
     if pred is None or not normalize(pred) or not normalize(gold):
         return False
     if key(pred) == key(gold):

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,8 @@ from eval.benchmarks import DEFAULT_DATA, SUITE, Benchmark, Problem, load_benchm
 from eval.generators import Completion, Request, as_generator
 from eval.grading import DEFAULT_TIMEOUT_S, extract_answer, is_equivalent
 from eval.results import SampleResult, append_results, format_table, load_results, rewrite_results, summarize
+
+log = logging.getLogger(__name__)
 
 LIMO_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_MAX_TOKENS = 32768
@@ -37,10 +40,31 @@ def sample_seed(seed: int, benchmark: str, problem_id: str, sample: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A short content hash of an HF model folder: config.json, and each weight file's size and 16
+    sampled 64 KiB windows. Retrained weights change it; re-exporting the same weights does not.
+    Cheap for a 65 GB model (1 MiB read per file)."""
+    folder = Path(model_dir)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            for k in range(16):
+                f.seek(size * k // 16)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
 def grade_completion(problem: Problem, completion: Completion, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[str | None, bool]:
-    """The extracted answer and whether it matches any of the problem's golds."""
+    """The extracted answer and whether it matches any of the problem's golds. A grader failure
+    is logged and counts as wrong (--regrade revisits it): it must not lose the batch it is in."""
     pred = extract_answer(completion.text)
-    return pred, any(is_equivalent(pred, gold, timeout_s=timeout_s) for gold in problem.golds)
+    try:
+        return pred, any(is_equivalent(pred, gold, timeout_s=timeout_s) for gold in problem.golds)
+    except Exception:  # noqa: BLE001  (logged with its traceback)
+        log.exception("grading problem %s failed (answer %.80r); counted as wrong", problem.id, pred)
+        return pred, False
 
 
 def _check_config(out_dir: Path, config: dict) -> None:
@@ -48,6 +72,9 @@ def _check_config(out_dir: Path, config: dict) -> None:
     path = out_dir / "config.json"
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("model") and config.get("model") and old["model"] != config["model"]:
+            raise ValueError(f"{path}: the results there come from another model (fingerprint {old['model']}, this one "
+                             f"{config['model']}); use another --out")
         for key in ("system_prompt", "top_p", "max_tokens", "seed"):
             if old.get(key) != config[key]:
                 raise ValueError(f"{path}: this run has {key}={config[key]!r} but the results there were made with "
@@ -63,10 +90,12 @@ def _check_config(out_dir: Path, config: dict) -> None:
 def evaluate(llm_or_generator: Any, benchmarks: Sequence[Benchmark], out_dir: str | Path, *, samples: int | None = None,
              temperature: float | None = None, top_p: float = 1.0, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0,
              system_prompt: str = LIMO_SYSTEM_PROMPT, batch_size: int = 512, grade_threads: int = 4,
-             timeout_s: float = DEFAULT_TIMEOUT_S, regrade: bool = False, verbose: bool = True) -> list[dict]:
+             timeout_s: float = DEFAULT_TIMEOUT_S, regrade: bool = False, verbose: bool = True,
+             model: str | None = None) -> list[dict]:
     """Generate what is missing, grade it, append it to <out_dir>/<benchmark>.jsonl, and return one
-    summary per benchmark (also written to <out_dir>/summary.json). `samples` / `temperature`
-    override every benchmark's protocol; `regrade` re-grades stored outputs with today's grader."""
+    summary per benchmark (also merged into <out_dir>/summary.json). `samples` / `temperature`
+    override every benchmark's protocol; `regrade` re-grades stored outputs with today's grader.
+    `model` (model_fingerprint) keeps another model's results in out_dir from being resumed."""
     if max_tokens < 1 or batch_size < 1 or (samples is not None and samples < 1):
         raise ValueError(f"max_tokens, batch_size and samples must be >= 1, got {max_tokens}, {batch_size}, {samples}")
     generate = as_generator(llm_or_generator)
@@ -74,8 +103,8 @@ def evaluate(llm_or_generator: Any, benchmarks: Sequence[Benchmark], out_dir: st
     out_dir.mkdir(parents=True, exist_ok=True)
     protocols = {b.name: {"samples": b.samples if samples is None else samples, "temperature": b.temperature if temperature is None else temperature}
                  for b in benchmarks}
-    _check_config(out_dir, {"system_prompt": system_prompt, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
-                            "benchmarks": protocols})
+    _check_config(out_dir, {"model": model, "system_prompt": system_prompt, "top_p": top_p, "max_tokens": max_tokens,
+                            "seed": seed, "benchmarks": protocols})
     summaries = []
     with ThreadPoolExecutor(grade_threads) as graders:
         for bench in benchmarks:
@@ -100,7 +129,10 @@ def evaluate(llm_or_generator: Any, benchmarks: Sequence[Benchmark], out_dir: st
             if regrade:
                 done = _regrade(bench, path, done, graders, timeout_s)
             summaries.append(summarize(bench.name, n, [p.id for p in bench.problems], done))
-    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=1), encoding="utf-8")
+    summary_path = out_dir / "summary.json"  # other benchmarks evaluated into this folder earlier stay
+    earlier = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else []
+    ours = {x["benchmark"] for x in summaries}
+    summary_path.write_text(json.dumps([x for x in earlier if x["benchmark"] not in ours] + summaries, indent=1), encoding="utf-8")
     if verbose:
         print(format_table(summaries), flush=True)
     return summaries
@@ -127,9 +159,16 @@ def evaluate_folder(model_dir: str | Path, names: Sequence[str], out_dir: str | 
     from eval.sampler import LLM
 
     benchmarks = parse_benchmarks(",".join(names), data, limit)
-    llm = LLM(str(model_dir), dtype=dtype, device=device, max_model_len=max_tokens + 4096)
+    llm = LLM(str(model_dir), dtype=dtype, device=device, max_model_len=context_len(model_dir, max_tokens))
     return evaluate(llm, benchmarks, out_dir, samples=samples, temperature=temperature, max_tokens=max_tokens,
-                    system_prompt=system_prompt)
+                    system_prompt=system_prompt, model=model_fingerprint(model_dir))
+
+
+def context_len(model_dir: str | Path, max_tokens: int) -> int:
+    """The sampler's max_model_len: room for a prompt beside max_tokens, but never past the
+    positions the model was trained on (LIMO: 32,768 for prompt + output, as its vLLM had it)."""
+    trained = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    return min(max_tokens + 4096, trained) if trained else max_tokens + 4096
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,7 +197,7 @@ def build_generator(args: argparse.Namespace) -> Any:
     from eval.sampler import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-               max_model_len=args.max_model_len or args.max_tokens + 4096)
+               max_model_len=args.max_model_len or context_len(args.model, args.max_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated names from {{{','.join(SUITE)}}}; name=PATH or name=hf:owner/ds/file for another "
                         "source (default aime24,math500)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder in LIMO's layout: <data>/<dir>/test.jsonl (default ../shared/data/eval)")
-    p.add_argument("--out", help="results folder (default runs/eval/<model folder name>)")
+    p.add_argument("--out", help="results folder (default runs/eval/<model folder name>-<model fingerprint>)")
     p.add_argument("--samples", type=int, help="samples per problem for every benchmark (default: LIMO's protocol)")
     p.add_argument("--temperature", type=float, help="for every benchmark (default: LIMO's protocol)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for sampled benchmarks (default 1.0: off)")
@@ -181,16 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16)")
     p.add_argument("--device", default="cuda", help="(default cuda)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sampler: sequences decoded together (default 256)")
-    p.add_argument("--max-model-len", type=int, help="sampler: prompt + output tokens (default max-tokens + 4096)")
+    p.add_argument("--max-model-len", type=int,
+                   help="sampler: prompt + output tokens (default max-tokens + 4096, at most the model's max_position_embeddings)")
     p.add_argument("--batch-size", type=int, default=512, help="samples per generate call and per results flush (default 512)")
     p.add_argument("--regrade", action="store_true", help="re-grade outputs already on disk with the current grader")
     args = p.parse_args(argv)
 
     benchmarks = parse_benchmarks(args.benchmarks, args.data, args.limit)
-    out = Path(args.out) if args.out else Path("runs/eval") / Path(args.model).resolve().name
+    fingerprint = model_fingerprint(args.model)
+    folder = Path(args.model).resolve()
+    name = folder.parent.name if folder.name == "hf" else folder.name  # train.py exports to <output_dir>/hf
+    out = Path(args.out) if args.out else Path("runs/eval") / f"{name}-{fingerprint}"
     evaluate(build_generator(args), benchmarks, out, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
              max_tokens=args.max_tokens, seed=args.seed, system_prompt=args.system_prompt, batch_size=args.batch_size,
-             regrade=args.regrade)
+             regrade=args.regrade, model=fingerprint)
     print(f"results in {out}/", flush=True)
     return 0
 

@@ -137,3 +137,16 @@ def test_records_benchmark_takes_dicts_and_objects():
         records_benchmark("synthetic", [{"question": "no answer"}])
     with pytest.raises(ValueError, match="has no problems"):
         records_benchmark("synthetic", [])
+
+
+def test_bad_gpqa_letters_and_bad_json_are_named(data, tmp_path):
+    line = (data / "gpqa" / "test.jsonl").read_text(encoding="utf-8").split("\n")[0]
+    for letter in ("BC", "E", "a"):
+        path = tmp_path / "gpqa.jsonl"
+        path.write_text(json.dumps({**json.loads(line), "answer": letter}) + "\n", encoding="utf-8")
+        with pytest.raises(RecordError, match=rf"gpqa\.jsonl:1: GPQA answer '{letter}' is not one of the option letters"):
+            load_benchmark("gpqa", path)
+    broken = tmp_path / "aime.json"
+    broken.write_text('[{"problem": "x", "answer": 1},\n', encoding="utf-8")
+    with pytest.raises(RecordError, match=r"aime\.json:2: not JSON"):
+        load_benchmark("aime24", broken)

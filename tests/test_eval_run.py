@@ -106,6 +106,65 @@ def test_a_resumed_run_must_sample_the_same_way(tmp_path):
         evaluate(FakeGenerator(bench), [bench], tmp_path, max_tokens=64, temperature=0.0, verbose=False)
 
 
+def test_results_of_another_model_are_not_resumed(tmp_path):
+    bench = _bench()
+    evaluate(FakeGenerator(bench), [bench], tmp_path, verbose=False, model="aaaa")
+    with pytest.raises(ValueError, match="come from another model \\(fingerprint aaaa, this one bbbb\\); use another --out"):
+        evaluate(FakeGenerator(bench), [bench], tmp_path, verbose=False, model="bbbb")
+
+
+def test_model_fingerprint_follows_the_weights_not_the_writes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from eval.run import model_fingerprint
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    weights = {"w": torch.arange(300_000, dtype=torch.float32)}
+    save_file(weights, folder / "model.safetensors")
+    first = model_fingerprint(folder)
+    save_file(weights, folder / "model.safetensors")  # the same weights exported again
+    assert model_fingerprint(folder) == first
+    save_file({"w": weights["w"] + 1}, folder / "model.safetensors")  # trained further
+    assert model_fingerprint(folder) != first
+
+
+def test_a_grader_failure_costs_one_verdict_not_the_batch(tmp_path, monkeypatch):
+    import eval.run as run
+
+    real = run.is_equivalent
+
+    def flaky(pred, gold, **kw):
+        if pred == "0.5":
+            raise RecursionError("a grader bug")
+        return real(pred, gold, **kw)
+
+    monkeypatch.setattr(run, "is_equivalent", flaky)
+    bench = _bench()
+    evaluate(FakeGenerator(bench), [bench], tmp_path, batch_size=12, verbose=False)
+    results = load_results(tmp_path / "toy.jsonl")
+    assert len(results) == 12  # the whole batch is on disk
+    assert [r.correct for (p, j), r in sorted(results.items()) if p == "p1"] == [False] * 4
+    assert results[("p0", 0)].correct
+
+
+def test_summaries_of_earlier_benchmarks_in_the_folder_stay(tmp_path):
+    bench = _bench()
+    other = Benchmark("toy2", bench.problems, samples=4, temperature=0.7)
+    evaluate(FakeGenerator(bench), [bench], tmp_path, verbose=False)
+    evaluate(FakeGenerator(other), [other], tmp_path, verbose=False)
+    assert [s["benchmark"] for s in json.loads((tmp_path / "summary.json").read_text())] == ["toy", "toy2"]
+
+
+def test_context_len_stays_within_the_trained_positions(tmp_path):
+    from eval.run import context_len
+
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 32768}')
+    assert context_len(tmp_path, 32768) == 32768 and context_len(tmp_path, 512) == 4608
+
+
 def test_bad_lines_in_a_results_file_are_named(tmp_path):
     path = tmp_path / "toy.jsonl"
     path.write_text('{"benchmark": "toy"}\n')

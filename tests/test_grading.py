@@ -172,6 +172,18 @@ def test_the_grading_process_never_imports_sympy():
 def test_choice_letter():
     assert [choice_letter(t) for t in ["C", "(C)", r"\text{C}", "C. 5", "C: five", "c", "Cat", "5"]] == \
         ["C", "C", "C", "C", "C", None, None, None]
+    hedges = ["A or B", r"A \text{ and } C", "(A) and (C)", "A B", "A, B", "A/B", "both A and D"]
+    assert [choice_letter(t) for t in hedges] == [None] * len(hedges)
+    assert [choice_letter(t) for t in ["C. A triangle", "B. 3 and 4", "(D) all of the above"]] == ["C", "B", "D"]
+    assert not is_equivalent("A or B", "A") and is_equivalent("(A)", "A")
+
+
+def test_pathological_nesting_is_false_fast_in_the_caller():
+    start = time.perf_counter()
+    assert not is_equivalent("\\text{" * 1200 + "1" + "}" * 1200, "1")
+    assert not is_equivalent("\\text{" * 20000, "1")
+    assert is_equivalent("x" * 2000, "x" * 2000)  # long answers compare as exact strings
+    assert time.perf_counter() - start < 1.0
 
 
 def test_number_literals_do_not_expand_huge_exponents():

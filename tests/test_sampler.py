@@ -80,6 +80,15 @@ def test_greedy_matches_transformers_with_preemption_and_forks(hf_model, model_d
         assert o.finish_reason == "length" and o.text is None and o.prompt_token_ids == prompts[o.prompt_index]
 
 
+def test_a_sample_that_reaches_max_model_len_ends_there(hf_model, model_dir):
+    """As in vLLM: prompt + max_tokens past max_model_len is not an error; the context ends the sample."""
+    prompt = _prompts([20])[0]
+    llm = make_llm(model_dir, block_size=4, num_blocks=16, max_model_len=32)
+    (out,) = llm.generate([prompt], SamplingParams(max_tokens=100), use_tqdm=False)
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+    assert out.token_ids == _hf_greedy(hf_model, prompt, 12) and llm.block_manager.all_free()
+
+
 def test_paged_decode_logits_match_dense_forward(hf_model, model_dir, triton_only):
     """Triton. Prefill two prompts into shuffled pages, decode five steps; every step's logits equal transformers' dense ones."""
     llm = make_llm(model_dir, block_size=4, num_blocks=12, max_num_seqs=2, max_model_len=32)
@@ -180,7 +189,7 @@ def test_string_prompts_text_and_stop_strings(hf_model, qwen_tokenizer_dir, fast
 def test_bad_requests_are_clear_errors(model_dir):
     llm = make_llm(model_dir, block_size=4, num_blocks=6, max_num_seqs=4, max_model_len=32)
     cases = [
-        ([[1] * 20], SamplingParams(max_tokens=13), "exceed max_model_len=32"),
+        ([[1] * 32], SamplingParams(max_tokens=1), "32 prompt tokens leave no room to generate within max_model_len=32"),
         ([[1] * 20], SamplingParams(max_tokens=6), "need 7 pages of 4 tokens; the cache has 6"),
         ([[1, 2]], SamplingParams(n=5), "n=5 samples exceed max_num_seqs=4"),
         ([[1, 203]], SamplingParams(), r"token id 203 is not an int in \[0, 203\)"),
@@ -193,6 +202,8 @@ def test_bad_requests_are_clear_errors(model_dir):
         with pytest.raises(ValueError, match=match):
             llm.generate(prompts, params, use_tqdm=False)
     assert llm.block_manager.all_free() and llm.scheduler.done
+    with pytest.raises(ValueError, match=r"max_model_len=99999 exceeds the model's max_position_embeddings=\d+"):
+        make_llm(model_dir, max_model_len=99999)
     with pytest.raises(ValueError, match="dtype='fp8'"):
         LLM(model_dir, dtype="fp8")
     with pytest.raises(ValueError, match="num_blocks=0 must be an int >= 1"):

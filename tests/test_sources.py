@@ -213,3 +213,17 @@ def test_hub_dataset_uses_its_train_data_files(monkeypatch, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="hub dataset 'owner/empty' has no .jsonl, .json, .parquet files"):
         load_records("owner/empty")
+
+
+def test_non_utf8_and_numeric_answers(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(LIMO[0]).encode() + b"\n" + b'{"question": "caf\xe9", "solution": "s", "answer": "1"}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 18\)"):
+        load_records(str(path))
+    as_json = tmp_path / "latin1.json"
+    as_json.write_bytes(b'[{"question": "caf\xe9"}]')
+    with pytest.raises(DataError, match=rf"{as_json}: not UTF-8 \(byte 0xe9 at offset 18\)"):
+        load_records(str(as_json))
+    numeric = write_jsonl(tmp_path / "numeric.jsonl", [{**LIMO[0], "answer": 5}])
+    samples, _ = load_records(str(numeric))
+    assert samples[0].answer == "5"

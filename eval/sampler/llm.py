@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 class Output:
     """One sample: token_ids are the generated ids only (EOS included when it ended the sample);
     text is their decoding without special tokens, cut before a stop string (None without a
-    tokenizer); finish_reason is "stop" (EOS or a stop string) or "length" (max_tokens)."""
+    tokenizer); finish_reason is "stop" (EOS or a stop string) or "length" (max_tokens, or max_model_len reached)."""
 
     prompt_index: int
     sample_index: int
@@ -80,8 +80,9 @@ class LLM:
 
     dtype: "bfloat16" | "float16" | "float32" | "float64" or a torch dtype (None: bf16 on CUDA,
     float32 on CPU). num_blocks: KV pages of block_size tokens (None: sized from
-    memory_fraction of the device's memory). max_model_len (None: the config's
-    max_position_embeddings) bounds prompt + max_tokens; max_num_batched_tokens (None:
+    memory_fraction of the device's memory). max_model_len (None, and at most: the config's
+    max_position_embeddings) bounds prompt + output: as in vLLM, a sample that reaches it ends
+    with finish_reason "length" before max_tokens; max_num_batched_tokens (None:
     max_model_len) bounds one prefill step. tokenizer: a folder to load the tokenizer from when
     model_dir has none. cuda_graphs: capture decode as CUDA graphs (CUDA only).
     """
@@ -115,7 +116,11 @@ class LLM:
         if tokenizer is not None and self.tokenizer is None:
             raise ValueError(f"tokenizer={tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) there")
         self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer)
-        self.max_model_len = max_model_len or self.model.args.max_position_embeddings
+        trained = self.model.args.max_position_embeddings
+        if max_model_len is not None and max_model_len > trained:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={trained} "
+                             f"({model_dir / 'config.json'}): RoPE positions past it were never trained")
+        self.max_model_len = max_model_len or trained
         max_num_batched_tokens = max_num_batched_tokens or self.max_model_len
         if max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_model_len={self.max_model_len}: a preempted "
@@ -149,9 +154,10 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"prompt {index}: stop strings need a tokenizer, and the model folder has none")
         ids = self._encode(index, prompt)
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt {index}: {len(ids)} prompt tokens + max_tokens={params.max_tokens} exceed "
-                             f"max_model_len={self.max_model_len}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt {index}: {len(ids)} prompt tokens leave no room to generate within max_model_len={self.max_model_len}")
+        if len(ids) + params.max_tokens > self.max_model_len:  # the context ends the sample first
+            params = replace(params, max_tokens=self.max_model_len - len(ids))
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))  # a CPU tensor: no device sync
         seq = Sequence(ids, params, seed, index)
         self.scheduler.check_fits(seq)
