@@ -18,6 +18,7 @@ from data.loader import PackedLoader
 from data.packing import CostModel, plan
 from data.sources import DataError
 from engine.config import ConfigError, DataConfig
+from engine.model import PRESETS
 
 
 def histogram(lengths: Sequence[int], bins: int, width: int = 40) -> list[str]:
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--samples-per-step", type=int, default=32, help="global batch in samples")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
     p.add_argument("--seed", type=int, default=0, help="data-order seed")
+    p.add_argument("--model-preset", default="qwen2.5-32b", choices=sorted(PRESETS),
+                   help="architecture whose FLOPs weigh each sample for the rank split, as training does (default qwen2.5-32b)")
     p.add_argument("--bins", type=int, default=12, help="histogram bins")
     args = p.parse_args(argv)
     cfg = DataConfig(
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> str:
     except (ConfigError, DataError) as e:
         raise SystemExit(f"python -m data.inspect: {e}") from None
     lengths = sorted(len(s) for s in samples)
+    cost = CostModel.for_model(PRESETS[args.model_preset])
     loader = PackedLoader(
         samples,
         samples_per_step=cfg.samples_per_step,
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> str:
         epochs=1,
         world_size=args.world_size,
         seed=args.seed,
+        cost=cost,
     )
     packing = epoch_packing(loader)
     last = len(samples) - (loader.steps_per_epoch - 1) * cfg.samples_per_step
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{packing['efficiency']:.1%} of token slots used",
         f"forward/backward passes per rank per epoch: {packing['passes']} packed, "
         f"{packing['unpacked_passes']} with one sample per pass (LIMO's recipe)",
-        f"per-rank compute imbalance (max / mean, {CostModel()}): "
+        f"per-rank compute imbalance (max / mean, costs of {args.model_preset}): "
         f"mean {packing['imbalance_mean']:.3f}, worst {packing['imbalance_max']:.3f}",
     ]
     text = "\n".join(lines)
