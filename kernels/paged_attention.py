@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -27,6 +26,7 @@ import triton.language as tl
 
 import kernels
 from kernels import reference
+from kernels.triton_common import cast, interpreting
 
 BLOCK_N = 64  # tokens per tile of the attention loop (any page size; each token finds its page)
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more to merge than it saves
@@ -72,6 +72,7 @@ def _paged_attention_kernel(
     stride_ob, stride_oh, stride_os,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INTERP: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, s): online softmax of the GROUP query heads over tokens [s*partition, ...).
 
@@ -131,14 +132,14 @@ def _paged_attention_kernel(
         tl.store(l_ptr + ml, l, mask=gmask)
     else:
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(o_ptrs, cast(out, out_ptr.dtype.element_ty, INTERP), mask=o_mask)
 
 
 @triton.jit
 def _merge_splits_kernel(
     part_ptr, m_ptr, l_ptr, out_ptr, num_splits,
     stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Program (b, q_head): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over non-empty splits."""
     b = tl.program_id(0)
@@ -158,7 +159,7 @@ def _merge_splits_kernel(
     )  # [S_PAD, D_PAD]
     denom = tl.sum(w * l, axis=0)
     out = tl.sum(w[:, None] * part, axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, cast(out, out_ptr.dtype.element_ty, INTERP), mask=d < HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def paged_attention_triton(
     consts = dict(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)),
         PAGE=page, BLOCK=BLOCK_N, SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=q.dtype == torch.bfloat16 and interpreting(), INTERP=interpreting(),
     )
     qk_scale = scale * math.log2(math.e)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
@@ -259,7 +260,7 @@ def paged_attention_triton(
     )  # fmt: skip
     _merge_splits_kernel[(B, Hq)](
         part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=D, D_PAD=consts["D_PAD"], S_PAD=triton.next_power_of_2(splits),
+        HEAD_DIM=D, D_PAD=consts["D_PAD"], S_PAD=triton.next_power_of_2(splits), INTERP=interpreting(),
     )  # fmt: skip
     return out
 

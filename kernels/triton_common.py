@@ -25,9 +25,11 @@ def cast(x, DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     """
     if BF16_BY_BITS:
         if DTYPE == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            xf = x.to(tl.float32)
+            bits = xf.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            y = tl.where(xf != xf, xf.to(tl.bfloat16), y)  # a NaN's payload could carry into the sign
         else:
             y = x.to(DTYPE)
     else:

@@ -47,6 +47,23 @@ def _exact(hidden, weight, targets, **kw):
 IGNORED = [3, *range(16, 32)]
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's tile; on CUDA every Qwen-size vocab already spans blocks")
+@pytest.mark.parametrize("vocab", [129, 1025])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2], ids=["no-z", "z-loss"])
+def test_vocab_spanning_many_blocks_with_a_ragged_last_one(monkeypatch, vocab, z_loss):
+    """The GPU's path at Qwen's vocab (152,064 = 37 blocks of 4096 and a ragged 512): the running
+    max and sum across vocab blocks. A 64-element interpreter tile makes 129 columns 3 blocks
+    (the last holds 1 column) and 1025 columns 17."""
+    monkeypatch.setattr(CE_MODULE, "_INTERPRETER_TILE", 64)
+    assert CE_MODULE._tiles(vocab)[1] == 64
+    hidden, weight, targets = _problem(T=21, H=24, V=vocab, ignored=[5])
+    for reduction in ("sum", "mean"):
+        got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction, z_loss=z_loss, chunk_size=8)
+        want = _exact(hidden, weight, targets, reduction=reduction, z_loss=z_loss)
+        for name, g, w in zip(("loss", "dhidden", "dweight"), got, want):
+            assert rel_err(g, w) < 1e-12, (reduction, name, rel_err(g, w))
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2], ids=["no-z", "z-loss"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
