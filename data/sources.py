@@ -203,8 +203,8 @@ def to_sample(record: Any, fmt: str, where: str) -> Sample:
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": solution}]
         answer = record.get("answer")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # {"answer": 42} is an answer too
-            answer = str(answer)
-        return Sample(messages, where, _text({"answer": answer} if "answer" in record else {}, "answer", where))
+            record = {**record, "answer": str(answer)}
+        return Sample(messages, where, _text(record, "answer", where))
     if fmt == "alpaca":
         instruction, extra = _text(record, "instruction", where), _text(record, "input", where, required=False)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction

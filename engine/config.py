@@ -319,7 +319,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, text in pairs:
         _assign(cfg, key, text, "command line", from_text=True)
     # model.path and model.preset are one choice: the command line's replaces the recipe's.
-    named = [k for k in ("model.path", "model.preset") if k in dict(pairs) and getattr(cfg.model, k.removeprefix("model.")) is not None]
+    given = {key for key, _ in pairs}
+    named = [k for k in ("model.path", "model.preset") if k in given and getattr(cfg.model, k.removeprefix("model.")) is not None]
     if len(named) > 1:
         raise ConfigError("command line: model.path and model.preset both given; set exactly one of them")
     if named:

@@ -81,9 +81,8 @@ class Distributed:
             (folder / probe[0]).touch()
         dist.barrier()
         seen = torch.tensor([int((folder / probe[0]).exists())], device=self.device)
-        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # returns once every rank has looked
         blind = int(seen.item()) == 0
-        dist.barrier()
         if self.rank == 0:
             (folder / probe[0]).unlink()
         if blind:

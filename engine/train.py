@@ -189,10 +189,10 @@ def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
     """Rank 0 alone, after the process group is gone: the other ranks never wait on a collective."""
     from eval.run import LIMO_SYSTEM_PROMPT, evaluate_folder, model_fingerprint
 
-    results = out / "eval"
+    results, fingerprint = out / "eval", model_fingerprint(out / "hf")
     if (results / "config.json").is_file():  # results of an earlier export (a longer run since): set them aside
         earlier = json.loads((results / "config.json").read_text()).get("model")
-        if earlier != model_fingerprint(out / "hf"):
+        if earlier != fingerprint:
             aside = out / f"eval-{earlier or 'unknown'}"
             log.warning("%s holds results of another export (model %s); moved to %s", results, earlier, aside)
             results.rename(aside)
@@ -202,7 +202,7 @@ def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
         dtype="bfloat16" if device.type == "cuda" else "float32",
         samples=cfg.eval.samples or None, temperature=cfg.eval.temperature if cfg.eval.samples else None,
         max_tokens=cfg.eval.max_tokens, limit=cfg.eval.limit or None,
-        system_prompt=cfg.data.system_prompt or LIMO_SYSTEM_PROMPT,
+        system_prompt=cfg.data.system_prompt or LIMO_SYSTEM_PROMPT, fingerprint=fingerprint,
     )
 
 

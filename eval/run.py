@@ -154,14 +154,16 @@ def _regrade(bench: Benchmark, path: Path, done: dict, graders: ThreadPoolExecut
 
 def evaluate_folder(model_dir: str | Path, names: Sequence[str], out_dir: str | Path, *, device: str, dtype: str,
                     samples: int | None = None, temperature: float | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                    limit: int | None = None, system_prompt: str = LIMO_SYSTEM_PROMPT, data: str | None = None) -> list[dict]:
-    """Evaluate an HF model folder with our sampler on benchmarks named as on the command line."""
+                    limit: int | None = None, system_prompt: str = LIMO_SYSTEM_PROMPT, data: str | None = None,
+                    fingerprint: str | None = None) -> list[dict]:
+    """Evaluate an HF model folder with our sampler on benchmarks named as on the command line
+    (`fingerprint`: its model_fingerprint, when the caller has it already)."""
     from eval.sampler import LLM
 
     benchmarks = parse_benchmarks(",".join(names), data, limit)
     llm = LLM(str(model_dir), dtype=dtype, device=device, max_model_len=context_len(model_dir, max_tokens))
     return evaluate(llm, benchmarks, out_dir, samples=samples, temperature=temperature, max_tokens=max_tokens,
-                    system_prompt=system_prompt, model=model_fingerprint(model_dir))
+                    system_prompt=system_prompt, model=fingerprint or model_fingerprint(model_dir))
 
 
 def context_len(model_dir: str | Path, max_tokens: int) -> int:
