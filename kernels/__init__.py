@@ -5,7 +5,9 @@
     varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None)
 
 rmsnorm and fused_linear_cross_entropy run our Triton kernels (kernels/rmsnorm.py,
-kernels/cross_entropy.py) or the torch references (kernels/reference.py). The backend is chosen
+kernels/cross_entropy.py) or, on the "torch" backend, torch code of the same memory shape: the
+RMSNorm reference (kernels/reference.py) and the cross-entropy's chunks in torch ops (its float64
+reference, which builds [T, V] logits, is the tests' ground truth only). The backend is chosen
 once: `set_backend("auto" | "triton" | "torch")` (the training loop passes `train.kernels`), and
 the environment variable KERNELS_BACKEND, when set, overrides that choice. "auto" means Triton
 for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 (Triton's CPU interpreter, which
@@ -95,10 +97,10 @@ def fused_linear_cross_entropy(
     reduction: str = "sum",
     z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy of `hidden @ weight.T` against `targets` without [T, V] logits (on Triton)."""
-    if backend(hidden.device.type) == "triton":
-        return _cross_entropy.fused_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, z_loss)
-    return reference.fused_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, z_loss)
+    """Cross-entropy of `hidden @ weight.T` against `targets` without [T, V] logits, on either backend
+    (the torch one runs the same chunks in torch ops: kernels/cross_entropy.py)."""
+    chosen = backend(hidden.device.type)
+    return _cross_entropy.fused_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, z_loss, backend=chosen)
 
 
 __all__ = ["rmsnorm", "fused_linear_cross_entropy", "varlen_attention", "set_backend", "backend", "BACKENDS"]

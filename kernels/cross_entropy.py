@@ -13,8 +13,15 @@ and an all-ignored chunk simply contributes zero loss and zero gradient.
 Memory beyond the inputs: the chunk's logits (C x V in hidden's dtype) and the fp32 gradients
 (T x H and V x H, 4 bytes each), plus the returned gradients when backward casts them.
 
-Layout (STYLE.md): @triton.jit kernel -> host `linear_cross_entropy_fwd` -> `LinearCrossEntropyFunction`
--> the public `fused_linear_cross_entropy`.
+Two implementations of the per-chunk step share everything else (chunking, matmuls, autograd):
+the Triton kernel, and `_loss_grad_torch`, the same computation in torch ops for the "torch"
+backend (a CPU without Triton's interpreter). The torch one works in place on the chunk's logits
+too, so neither backend ever holds [T, V]. PyTorch >= 2.13's `F.linear_cross_entropy` chunks as
+well, but it has no z-loss, accumulates dweight in the input's dtype and is absent from the
+torch 2.11 our GPU machines run, so it cannot serve this contract.
+
+Layout (STYLE.md): @triton.jit kernel (and its torch twin) -> host `linear_cross_entropy_fwd` ->
+`LinearCrossEntropyFunction` -> the public `fused_linear_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from torch.autograd.function import once_differentiable
 
 from kernels.triton_common import cast, interpreting
 
-LOGITS_BUDGET_BYTES = 1 << 30  # the chunk's logits buffer; C is the largest multiple of 256 tokens under it
+LOGITS_BUDGET_BYTES = 1 << 30  # the chunk's logits buffer on a GPU; C is the largest multiple of 256 tokens under it
+# On a CPU the ranks of one host share its RAM and a matmul needs no big tiles: a smaller chunk.
+CPU_LOGITS_BUDGET_BYTES = 1 << 28
+BACKENDS = ("triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTERPRETER_TILE = 1 << 14  # elements per program under TRITON_INTERPRET
 
@@ -78,6 +88,34 @@ def _ce_loss_grad_kernel(
             tl.store(row_ptr[:, None] + c[None, :], cast(g, LOGITS.dtype.element_ty, INTERP), mask=mask)
 
 
+def _loss_grad_torch(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, ignore_index: int, z_loss: float,
+                     write_grad: bool, acc: torch.dtype) -> None:
+    """The kernel's contract in torch ops: losses [n] written, logits [n, V] overwritten by their
+    gradient when `write_grad`. In place, so the chunk costs no second [n, V] buffer in the
+    accumulation dtype; a half-precision chunk is taken to fp32 (one temporary of the chunk's
+    size), worked on there and rounded back once, as the kernel rounds its gradient once."""
+    vocab = logits.shape[1]
+    active = targets != ignore_index  # [n]
+    bad = active & ((targets < 0) | (targets >= vocab))
+    safe = torch.where(active & ~bad, targets, 0).long()[:, None]  # [n, 1]
+    x = logits if logits.dtype == acc else logits.to(acc)  # [n, V]
+    x_t = x.gather(1, safe).squeeze(1)  # [n], before x is overwritten
+    m = x.amax(dim=1)  # [n]
+    m = torch.where(torch.isfinite(m), m, 0.0)  # an all -inf row stays -inf below, not NaN from inf - inf
+    x.sub_(m[:, None]).exp_()  # [n, V]: exp(x - m), in place
+    d = x.sum(dim=1)
+    lse = m + d.log()
+    loss = torch.where(bad, float("nan"), lse - x_t + z_loss * lse * lse)
+    losses.copy_(torch.where(active, loss, 0.0))
+    if write_grad:
+        coef = torch.where(bad, float("nan"), (1.0 + 2.0 * z_loss * lse) / d)  # softmax = exp(x - m) / d
+        x.mul_(coef[:, None])
+        x.scatter_add_(1, safe, torch.where(active & ~bad, -1.0, 0.0).to(acc)[:, None])  # - onehot(target)
+        x.masked_fill_(~active[:, None], 0.0)
+        if x is not logits:
+            logits.copy_(x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side: contract checks, chunking, the matmuls, launch.
 
@@ -86,14 +124,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_tokens(n_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
+def chunk_tokens(n_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int | None = None, device_type: str = "cuda") -> int:
     """Tokens per chunk: the largest multiple of 256 whose [C, V] logits fit the budget (at least 256).
 
     256-row multiples keep the three matmuls on full tensor-core tiles; at V = 152,064 in bf16
     the default 1 GiB gives C = 3,328, enough rows that the fp32 dweight update (K = C) stays
-    compute-bound.
+    compute-bound. A CPU's default budget is 256 MiB (engine/memory.py plans with this rule).
     """
-    budget = LOGITS_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    default = LOGITS_BUDGET_BYTES if device_type == "cuda" else CPU_LOGITS_BUDGET_BYTES
+    budget = default if budget_bytes is None else budget_bytes
     per_token = vocab * torch.empty((), dtype=dtype).element_size()
     return max(1, min(n_tokens, max(256, budget // per_token // 256 * 256)))
 
@@ -127,7 +166,8 @@ def _matmul_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate:
         torch.mm(a, b, out=out)
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, z_loss: float) -> None:
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, z_loss: float,
+           backend: str) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"fused_linear_cross_entropy: expected hidden [T, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
@@ -146,7 +186,9 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ig
         raise ValueError(f"fused_linear_cross_entropy: z_loss must be >= 0, got {z_loss}")
     if weight.device != hidden.device or targets.device != hidden.device:
         raise ValueError(f"fused_linear_cross_entropy: hidden {hidden.device}, weight {weight.device}, targets {targets.device} differ")
-    if hidden.device.type != "cuda" and not (hidden.device.type == "cpu" and interpreting()):
+    if backend not in BACKENDS:
+        raise ValueError(f"fused_linear_cross_entropy: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and hidden.device.type != "cuda" and not (hidden.device.type == "cpu" and interpreting()):
         raise RuntimeError(
             f"fused_linear_cross_entropy (Triton): tensors are on {hidden.device}; Triton runs CUDA tensors, or CPU "
             "tensors only under TRITON_INTERPRET=1 set before `kernels` is imported (or choose KERNELS_BACKEND=torch)"
@@ -167,16 +209,18 @@ def linear_cross_entropy_fwd(
     need_dhidden: bool = True,
     need_dweight: bool = True,
     chunk_size: int | None = None,
+    backend: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """hidden [T, H], weight [V, H], targets [T] -> (loss per token [T], dhidden [T, H], dweight [V, H]).
 
     Losses and gradients are fp32 (fp64 for fp64 inputs) and unscaled: the gradient of the
-    summed loss. A gradient not asked for is None and its matmul is skipped.
+    summed loss. A gradient not asked for is None and its matmul is skipped. `backend` picks
+    the per-chunk step: the Triton kernel or its torch twin.
     """
     n_tokens, _ = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    chunk = chunk_size or chunk_tokens(n_tokens, vocab, hidden.dtype)
+    chunk = chunk_size or chunk_tokens(n_tokens, vocab, hidden.dtype, device_type=hidden.device.type)
     if chunk < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk}")
     targets = targets.contiguous()
@@ -191,12 +235,15 @@ def linear_cross_entropy_fwd(
         h = hidden[start:end]  # [n, H]
         lg = logits[: end - start]  # [n, V]
         torch.mm(h, weight.T, out=lg)
-        _ce_loss_grad_kernel[(triton.cdiv(end - start, block_t),)](
-            lg, targets[start:end], losses[start:end],
-            end - start, vocab, lg.stride(0), ignore_index, float(z_loss),
-            WRITE_GRAD=grad, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_T=block_t, BLOCK_V=block_v,
-            INTERP=interpreting(), num_warps=warps,
-        )
+        if backend == "torch":
+            _loss_grad_torch(lg, targets[start:end], losses[start:end], ignore_index, float(z_loss), grad, acc)
+        else:
+            _ce_loss_grad_kernel[(triton.cdiv(end - start, block_t),)](
+                lg, targets[start:end], losses[start:end],
+                end - start, vocab, lg.stride(0), ignore_index, float(z_loss),
+                WRITE_GRAD=grad, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_T=block_t, BLOCK_V=block_v,
+                INTERP=interpreting(), num_warps=warps,
+            )
         if need_dhidden:
             _matmul_acc(dhidden[start:end], lg, weight, accumulate=False)  # [n, V] @ [V, H]: this chunk's rows
         if need_dweight:
@@ -206,10 +253,10 @@ def linear_cross_entropy_fwd(
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_size, backend):
         losses, dhidden, dweight = linear_cross_entropy_fwd(
             hidden, weight, targets, ignore_index, z_loss,
-            need_dhidden=ctx.needs_input_grad[0], need_dweight=ctx.needs_input_grad[1], chunk_size=chunk_size,
+            need_dhidden=ctx.needs_input_grad[0], need_dweight=ctx.needs_input_grad[1], chunk_size=chunk_size, backend=backend,
         )
         total = losses.sum()
         scale = None
@@ -236,7 +283,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = dhidden.mul_(g).to(ctx.dtypes[0]) if dhidden is not None else None
         del dhidden
         grad_weight = dweight.mul_(g).to(ctx.dtypes[1]) if dweight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -248,18 +295,20 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     *,
     chunk_size: int | None = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets`, never materialising [T, V].
 
     Per token: lse - logit[target] (+ z_loss * lse^2); ignored tokens contribute 0; "mean"
     divides by max(#supervised, 1). Returns a 0-dim fp32 tensor (fp64 for fp64 inputs).
-    `chunk_size` overrides the tokens per chunk (default: chunk_tokens, from a 1 GiB budget).
+    `chunk_size` overrides the tokens per chunk (default: chunk_tokens, from a 1 GiB budget on
+    a GPU). `backend` is "triton" (the kernel) or "torch" (the same chunks in torch ops).
     """
-    _check(hidden, weight, targets, ignore_index, reduction, z_loss)
+    _check(hidden, weight, targets, ignore_index, reduction, z_loss, backend)
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        losses, _, _ = linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, z_loss, False, False, chunk_size)
+        losses, _, _ = linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, z_loss, False, False, chunk_size, backend)
         total = losses.sum()
         if reduction == "mean":
             total = total / (targets != ignore_index).sum().clamp(min=1).to(total.dtype)
         return total
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, float(z_loss), chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, float(z_loss), chunk_size, backend)

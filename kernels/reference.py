@@ -66,17 +66,19 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Causal attention within each packed sample; q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
 
-    One scaled-dot-product call per sample, so memory stays O(longest sample squared) rather
-    than O(T^2) for a block-diagonal mask over the whole stream.
+    One scaled-dot-product call per sample, never a block-diagonal mask over the whole stream.
+    Each call gets 4-D [1, H, L, D] inputs: that is what lets PyTorch's CPU flash kernel take it
+    (3-D inputs fall back to the math path, which keeps H x L x L scores for backward: 4 GiB per
+    head at 16k tokens). Every dtype then costs O(L) memory beyond q, k, v and the output.
     """
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()  # a host sync: free on CPU; on CUDA only fp32/fp64 exactness runs come here (logged)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, L, D]
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 

@@ -5,6 +5,7 @@ torch's varlen_attn (each backend that is available there), so the GPU checks ne
 """
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,28 @@ def test_bf16_reference_is_as_accurate_as_torch_bf16():
     torch_bf16 = dense(qb, kb, vb, lengths)  # torch's own bf16 attention: every op in bf16
     assert got.dtype == torch.bfloat16
     assert rel_err(got, want) <= 2 * rel_err(torch_bf16, want)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset is Linux-only (CI runs Linux)")
+def test_reference_memory_is_linear_in_the_sample_length():
+    """One 4,096-token sample, 4 heads, forward and backward: the math path would keep 4 x 4096^2
+    fp32 scores (256 MiB, twice in backward); the CPU flash kernel the reference reaches keeps O(L)."""
+    g = torch.Generator().manual_seed(0)
+    L = 4096
+    q, k, v = (torch.randn(L, h, 32, generator=g).requires_grad_() for h in (4, 2, 2))
+    cu = torch.tensor([0, L], dtype=torch.int32)
+    Path("/proc/self/clear_refs").write_text("5")  # reset this process's peak RSS (VmHWM)
+    before = _rss_mib("VmRSS")
+    reference.varlen_attention(q, k, v, cu).sum().backward()
+    grown = _rss_mib("VmHWM") - before
+    assert grown < 64, f"{grown:.0f} MiB for one 4k-token sample: L x L scores were kept"
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def test_samples_do_not_see_each_other():

@@ -1,5 +1,7 @@
-"""kernels/cross_entropy.py (Triton; the interpreter on CPU) against float64 references and Liger-Kernel."""
+"""kernels/cross_entropy.py against float64 references and Liger-Kernel, on both per-chunk steps:
+the Triton kernel (the interpreter on CPU) and its torch twin (the "torch" backend)."""
 
+import functools
 import sys
 
 import pytest
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
-from kernels.cross_entropy import LOGITS_BUDGET_BYTES, chunk_tokens, fused_linear_cross_entropy, linear_cross_entropy_fwd
+from kernels.cross_entropy import CPU_LOGITS_BUDGET_BYTES, LOGITS_BUDGET_BYTES, chunk_tokens, fused_linear_cross_entropy, linear_cross_entropy_fwd
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,6 +22,12 @@ def norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double(), want.double()
     return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
 CE_MODULE = sys.modules["kernels.cross_entropy"]
+
+
+@pytest.fixture(params=["triton", "torch"])
+def ce(request):
+    """fused_linear_cross_entropy on one backend's per-chunk step."""
+    return functools.partial(fused_linear_cross_entropy, backend=request.param)
 
 
 def _problem(T=37, H=48, V=1003, dtype=torch.float64, seed=0, ignored=()):
@@ -67,10 +75,10 @@ def test_vocab_spanning_many_blocks_with_a_ragged_last_one(monkeypatch, vocab, z
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2], ids=["no-z", "z-loss"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_matches_float64_reference(reduction, z_loss, dtype):
+def test_matches_float64_reference(ce, reduction, z_loss, dtype):
     """37 tokens in chunks of 16 (one all-ignored), vocab 1003: not a multiple of any block."""
     hidden, weight, targets = _problem(dtype=dtype, ignored=IGNORED)
-    got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction, z_loss=z_loss, chunk_size=16)
+    got = _loss_and_grads(ce, hidden, weight, targets, reduction=reduction, z_loss=z_loss, chunk_size=16)
     want = _exact(hidden, weight, targets, reduction=reduction, z_loss=z_loss)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for name, g, w in zip(("loss", "dhidden", "dweight"), got, want):
@@ -80,16 +88,16 @@ def test_matches_float64_reference(reduction, z_loss, dtype):
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 37, 64, None], ids=["chunk1", "chunk5", "chunk37", "chunk64", "auto"])
-def test_chunking_does_not_change_the_result(chunk):
+def test_chunking_does_not_change_the_result(ce, chunk):
     hidden, weight, targets = _problem(T=37, V=203, ignored=[0, 36])
-    got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, chunk_size=chunk)
+    got = _loss_and_grads(ce, hidden, weight, targets, chunk_size=chunk)
     want = _exact(hidden, weight, targets)
     assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_half_precision_error_no_worse_than_torch(dtype, reduction):
+def test_half_precision_error_no_worse_than_torch(ce, dtype, reduction):
     """Judged against torch's own path in `dtype` (half logits, fp32 softmax, half gradients), both
     compared with float64 on the same inputs. 256 tokens in 16 chunks: summing dweight over them
     in bf16 would miss this bound (about 1.35x torch's error here); the fp32 sum meets it."""
@@ -98,7 +106,7 @@ def test_half_precision_error_no_worse_than_torch(dtype, reduction):
     def torch_half(h, w, t, reduction):
         return F.cross_entropy((h @ w.T).float(), t, reduction=reduction)
 
-    ours = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction, chunk_size=16)
+    ours = _loss_and_grads(ce, hidden, weight, targets, reduction=reduction, chunk_size=16)
     theirs = _loss_and_grads(torch_half, hidden, weight, targets, reduction=reduction)
     exact = _exact(hidden, weight, targets, reduction=reduction)
     for name, o, t, e in zip(("loss", "dhidden", "dweight"), ours, theirs, exact):
@@ -122,25 +130,26 @@ def test_agrees_with_liger(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_all_ignored_gives_zero_loss_and_zero_gradients(reduction):
+def test_all_ignored_gives_zero_loss_and_zero_gradients(ce, reduction):
     hidden, weight, targets = _problem(T=37, V=203, ignored=range(37))
-    loss, dh, dw = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction, chunk_size=16)
+    loss, dh, dw = _loss_and_grads(ce, hidden, weight, targets, reduction=reduction, chunk_size=16)
     assert loss.item() == 0.0 and torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
 
 
-def test_without_gradients_only_the_loss_is_computed():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_without_gradients_only_the_loss_is_computed(backend):
     hidden, weight, targets = _problem(T=37, V=203, ignored=[5])
     with torch.no_grad():
-        got = fused_linear_cross_entropy(hidden, weight, targets, reduction="mean")
-    losses, dh, dw = linear_cross_entropy_fwd(hidden, weight, targets, need_dhidden=False, need_dweight=False)
+        got = fused_linear_cross_entropy(hidden, weight, targets, reduction="mean", backend=backend)
+    losses, dh, dw = linear_cross_entropy_fwd(hidden, weight, targets, need_dhidden=False, need_dweight=False, backend=backend)
     assert dh is None and dw is None and losses[5] == 0.0
     assert rel_err(got, reference.fused_linear_cross_entropy(hidden, weight, targets, reduction="mean")) < 1e-12
 
 
-def test_frozen_weight_gets_no_gradient_buffer():
+def test_frozen_weight_gets_no_gradient_buffer(ce):
     hidden, weight, targets = _problem(T=37, V=203)
     h = hidden.clone().requires_grad_()
-    fused_linear_cross_entropy(h, weight, targets).backward()
+    ce(h, weight, targets).backward()
     hr = hidden.clone().requires_grad_()
     reference.fused_linear_cross_entropy(hr, weight, targets).backward()
     assert weight.grad is None and rel_err(h.grad, hr.grad) < 1e-12
@@ -166,7 +175,8 @@ def test_public_op_runs_the_triton_kernel(monkeypatch):
             return real[grid]
 
     monkeypatch.setattr(CE_MODULE, "_ce_loss_grad_kernel", Spy())
-    monkeypatch.setattr(CE_MODULE, "LOGITS_BUDGET_BYTES", 0)  # 256-token chunks
+    monkeypatch.setattr(CE_MODULE, "LOGITS_BUDGET_BYTES", 0)  # 256-token chunks, on a GPU
+    monkeypatch.setattr(CE_MODULE, "CPU_LOGITS_BUDGET_BYTES", 0)  # and on a CPU
     hidden, weight, targets = _problem(T=300, H=16, V=203, dtype=torch.float32)
     got = _loss_and_grads(kernels.fused_linear_cross_entropy, hidden, weight, targets)
     assert kernels.backend(hidden.device.type) == "triton" and len(launched) == 2  # 256 + 44 tokens
@@ -179,6 +189,43 @@ def test_chunk_size_follows_the_memory_budget():
     assert c % 256 == 0 and c * per_token <= LOGITS_BUDGET_BYTES < (c + 256) * per_token
     assert chunk_tokens(100, 152064, torch.bfloat16) == 100  # never more than the tokens
     assert chunk_tokens(16384, 152064, torch.float32, budget_bytes=1) == 256  # at least one 256-token tile
+    c = chunk_tokens(5120, 152064, torch.float32, device_type="cpu")  # a CPU's smaller budget
+    assert c % 256 == 0 and c * 152064 * 4 <= CPU_LOGITS_BUDGET_BYTES < (c + 256) * 152064 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_backend_never_holds_the_full_logits(dtype):
+    """The torch backend's peak live [*, V] bytes, forward + backward, stay within its chunk (plus
+    the chunk's fp32 copy for a half dtype): 8 chunks of 256 tokens here, as the GPU path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    T, H, V = 2048, 32, 1003
+    hidden, weight, targets = _problem(T=T, H=H, V=V, dtype=dtype, seed=4)
+    hidden.requires_grad_(), weight.requires_grad_()
+    live: dict[int, tuple] = {}
+    peak = 0
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal peak
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and V in t.shape and t.shape[0] * t.shape[1] != V * H:
+                    storage = t.untyped_storage()
+                    live.setdefault(storage.data_ptr(), (storage._weak_ref(), storage.nbytes()))
+            for ptr, (ref, _) in list(live.items()):
+                if torch.UntypedStorage._expired(ref):
+                    torch.UntypedStorage._free_weak_ref(live.pop(ptr)[0])
+            peak = max(peak, sum(n for _, n in live.values()))
+            return out
+
+    with Track():
+        fused_linear_cross_entropy(hidden, weight, targets, chunk_size=256, backend="torch").backward()
+    for ref, _ in live.values():
+        torch.UntypedStorage._free_weak_ref(ref)
+    chunk_bytes = 256 * V * (dtype.itemsize + (4 if dtype != torch.float32 else 0))
+    assert 0 < peak <= chunk_bytes, (peak, chunk_bytes)
+    assert peak <= T * V * dtype.itemsize * 3 / 8  # 1/8 of the full logits, 3/8 with a half chunk's fp32 copy
 
 
 def test_contract_errors_name_the_tensor():
@@ -195,17 +242,18 @@ def test_contract_errors_name_the_tensor():
         fused_linear_cross_entropy(hidden, weight, targets, z_loss=-1.0)
 
 
-def test_out_of_range_targets():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_of_range_targets(backend):
     """The kernel gives them NaN loss and gradient (no host sync on CUDA); on CPU, where checking
     is free, the public function raises first."""
     hidden, weight, targets = _problem(T=8, H=16, V=50, dtype=torch.float32)
     targets[2], targets[5] = 50, -3
-    losses, dh, _ = linear_cross_entropy_fwd(hidden, weight, targets)
+    losses, dh, _ = linear_cross_entropy_fwd(hidden, weight, targets, backend=backend)
     assert losses[[2, 5]].isnan().all() and losses[[0, 1, 3, 4, 6, 7]].isfinite().all()
     assert dh[[2, 5]].isnan().all() and dh[[0, 1, 3, 4, 6, 7]].isfinite().all()
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match=r"targets outside \[0, 50\) at positions \[2, 5\]"):
-            fused_linear_cross_entropy(hidden, weight, targets)
+            fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
 
 
 _GPU_BUILD = """
