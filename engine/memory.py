@@ -147,6 +147,13 @@ def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: flo
     return MemoryPlan(peak_gib=peak, capacity_gib=usable, fits=peak <= usable, moment=moment, breakdown=breakdown)
 
 
+def checkpoint_bytes(cfg: Config, args: ModelArgs) -> int:
+    """Bytes of one DCP checkpoint on disk, all ranks together: the fp32 master weights and both
+    AdamW moments, the state the plan counts as static (Qwen2.5-32B with bf16 moments: 262 GB)."""
+    state_bytes = 2 if cfg.optim.state_dtype == "bfloat16" else 4
+    return args.num_params() * (4 + 2 * state_bytes)
+
+
 def model_args(cfg: Config) -> ModelArgs:
     if cfg.model.preset:
         return PRESETS[cfg.model.preset]
