@@ -151,7 +151,8 @@ class HFCheckpoint:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Qwen2:
-    """Build the model described by `path`/config.json and fill it from its safetensors."""
+    """Build the model described by `path`/config.json and fill it from its safetensors. A
+    tensor holding a NaN or inf is refused by name: a diverged model must not be evaluated."""
     ckpt = HFCheckpoint(path)
     ckpt.validate()
     model = build_model(ckpt.args, device="meta", dtype=dtype)
@@ -160,6 +161,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(ckpt.read(name, dtype=dtype))
+            if not torch.isfinite(param).all():  # host sync, once per tensor at load
+                ckpt.close()
+                raise WeightsError(f"{path}: {hf_name(name)} holds NaN or inf; refusing to load a diverged model")
     ckpt.close()
     return model
 
