@@ -3,14 +3,16 @@
 A recipe is a TOML file whose tables mirror the dataclasses below (`[model]`, `[train]`, ...).
 Command-line overrides name a field by its dotted path: `--train.max_steps=4` or
 `--train.max_steps 4`. Everything is validated once, up front, before any process group or
-model exists: an unknown key, a value of the wrong type or a value out of range is a
-`ConfigError` that names the key, where it came from and what is allowed.
+model exists: an unknown key, a value of the wrong type, a float that is not finite or a value
+out of range is a `ConfigError` that names the key, where it came from and what is allowed.
+(engine/preflight.py then checks the values against the world: paths, benchmarks, checkpoints.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -102,6 +104,9 @@ class OptimConfig:
     def check(self) -> None:
         _positive(self, "optim", "lr", "eps")
         _non_negative(self, "optim", "weight_decay")
+        if self.lr * self.weight_decay >= 1:  # decoupled decay multiplies each weight by 1 - lr * weight_decay
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} times optim.lr={self.lr} must be < 1: "
+                              "decoupled decay would zero or flip the sign of every weight")
         for key in ("min_lr_ratio", "warmup_ratio"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"optim.{key}={getattr(self, key)} must lie in [0, 1]")
@@ -117,10 +122,16 @@ class CheckpointConfig:
     keep_last: int = _help("complete checkpoints kept on disk", 2)
     resume: bool = _help("resume from the newest complete checkpoint in output_dir", True)
     export_hf: bool = _help("write a Hugging Face export to output_dir/hf at the end", True)
+    override: list[str] = _help(
+        "resume although these optimizer/schedule keys differ from the checkpoint's, training on with this run's values "
+        "(e.g. optim.lr,train.max_steps); without it such a resume is refused", default_factory=list)
 
     def check(self) -> None:
         _non_negative(self, "checkpoint", "every_steps")
         _positive(self, "checkpoint", "keep_last")
+        unknown = [k for k in self.override if k not in RESUME_KEYS]
+        if unknown:
+            raise ConfigError(f"checkpoint.override names {', '.join(map(repr, unknown))}; allowed: {', '.join(RESUME_KEYS)}")
 
 
 @dataclass
@@ -162,10 +173,43 @@ class Config:
 
     def check(self) -> None:
         for section in dataclasses.fields(self):
-            getattr(self, section.name).check()
+            values = getattr(self, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{section.name}.{f.name}={value} must be a finite number")
+            values.check()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+
+# What a checkpoint records of the run that made it, and a resume must keep: the optimizer's
+# settings and the schedule's (train.max_steps and train.epochs set its length). A resume that
+# changes them would silently keep the checkpoint's schedule (the scheduler state holds the peak
+# lr) or reshape it. Data and batch settings are checked by the loader's state.
+RESUME_KEYS = (
+    "optim.lr", "optim.min_lr_ratio", "optim.schedule", "optim.warmup_ratio", "optim.weight_decay", "optim.beta1",
+    "optim.beta2", "optim.eps", "optim.state_dtype", "train.max_grad_norm", "train.max_steps", "train.epochs",
+)  # fmt: skip
+
+
+def resume_settings(cfg: Config) -> dict[str, Any]:
+    """The values of RESUME_KEYS in `cfg`, as a checkpoint records them."""
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in RESUME_KEYS}
+
+
+def check_resume(cfg: Config, recorded: dict[str, Any], where: str) -> None:
+    """Refuse to resume from the checkpoint at `where` with optimizer or schedule settings other
+    than those it `recorded`, except the keys checkpoint.override names."""
+    now = resume_settings(cfg)
+    changed = [k for k in RESUME_KEYS if k in recorded and recorded[k] != now[k] and k not in cfg.checkpoint.override]
+    if changed:
+        diff = "; ".join(f"{k}: {recorded[k]!r} there, {now[k]!r} here" for k in changed)
+        raise ConfigError(
+            f"{where} was made with other optimizer/schedule settings ({diff}). Rerun with the checkpoint's values, or train "
+            f"on with this run's: --checkpoint.override={','.join(changed)}"
+        )
 
 
 def _positive(obj: Any, section: str, *keys: str) -> None:

@@ -23,13 +23,15 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from engine.checkpoint import Checkpointer, crash_point, export_hf
-from engine.config import Config, ConfigError, describe_keys, load_config
-from engine.memory import device_capacity_gib, plan_memory
+from engine.checkpoint import Checkpointer, crash_point
+from engine.config import Config, ConfigError, check_resume, describe_keys, load_config, resume_settings
+from engine.export import export_hf
+from engine.memory import checkpoint_bytes, device_capacity_gib, plan_memory
 from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops, step_flops_torchtitan
 from engine.model import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import init_distributed, materialize, parallelize
+from engine.preflight import preflight
 from engine.weights import GENERATION_CONFIG, HFCheckpoint, resolve_model_dir
 
 log = logging.getLogger("engine.train")
@@ -121,16 +123,21 @@ def train(cfg: Config) -> None:
 
     if latest is not None:
         state = checkpointer.load(latest, model, optimizer)
+        check_resume(cfg, state.get("settings", {}), str(latest))  # the preflight saw the newest; a fallback may be older
         step, bad_steps = state["step"], state["bad_steps"]
         scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler does not restore these
-            group["lr"] = lr
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]  # this run's peak (checkpoint.override)
+        scheduler.last_epoch -= 1
+        scheduler.step()  # this run's lr at the restored step, into the param groups: the saved one unless overridden
         loader.load_state_dict(state["loader"])
         log.info("resumed from %s (step %d)", latest, step)
 
     def save(epoch: int) -> None:
-        train_state = {"step": step, "epoch": epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
+        train_state = {"step": step, "epoch": epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                       "settings": resume_settings(cfg)}
         checkpointer.save(step, model, optimizer, train_state)
+
+    checkpointer.check_room(checkpoint_bytes(cfg, args))  # warns when the filesystem cannot hold the checkpoints to come
 
     metrics = MetricsLogger(out, d.is_main, total_steps, step, cfg.train.tensorboard)
     peak = peak_flops(d.device)
@@ -209,6 +216,7 @@ def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        preflight(cfg)  # paths, benchmarks, a resume's settings: before any process group
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
