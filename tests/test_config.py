@@ -51,6 +51,16 @@ def test_the_command_line_model_replaces_the_recipes():
         (["--data.tokens_per_microbatch=256"], "data.tokens_per_microbatch=256 is smaller than data.max_tokens=512"),
         (["train.max_steps=4"], "expected --section.key=value"),
         (["--train.max_steps"], "has no value"),
+        (["--optim.lr=inf"], "optim.lr=inf must be a finite number"),
+        (["--optim.lr=nan"], "optim.lr=nan must be a finite number"),
+        (["--optim.beta2=nan"], "optim.beta2=nan must be a finite number"),
+        (["--optim.eps=-inf"], "optim.eps=-inf must be a finite number"),
+        (["--optim.weight_decay=inf"], "optim.weight_decay=inf must be a finite number"),
+        (["--optim.weight_decay=400"], "optim.weight_decay=400.0 times optim.lr=0.003 must be < 1"),
+        (["--train.max_grad_norm=nan"], "train.max_grad_norm=nan must be a finite number"),
+        (["--model.init_std=inf"], "model.init_std=inf must be a finite number"),
+        (["--eval.temperature=nan"], "eval.temperature=nan must be a finite number"),
+        (["--checkpoint.override=optim.lr,data.path"], "checkpoint.override names 'data.path'; allowed: optim.lr,"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
