@@ -14,6 +14,7 @@ eval/grading.py calls `equivalent` through eval/timelimit.py. Nothing here uses 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -143,17 +144,23 @@ def parse_tree(text: str) -> Tree:
     return Tree("leaf", s)
 
 
+def _in_float_range(x: Fraction) -> bool:
+    """Zero, or a double's normal range: where a relative tolerance is what the protocol means."""
+    return x == 0 or sys.float_info.min <= abs(x) <= sys.float_info.max
+
+
 def numbers_match(pred: Number, gold: Number) -> bool:
-    """Exact for integer golds (102019 is not 102018); relative 1e-4 otherwise. A side written
-    with a % sign may also stand for its value / 100 (50% and 0.5); without one, no rescaling
-    (1 is not 100, whatever the Qwen2.5-Math harness says)."""
+    """Exact for integer golds (102019 is not 102018); relative 1e-4 otherwise, but only between
+    values a double holds: 10^{-400} and 10^{-401} (or 10^{500} and 10^{500} + 1) are compared
+    exactly. A side written with a % sign may also stand for its value / 100 (50% and 0.5);
+    without one, no rescaling (1 is not 100, whatever the Qwen2.5-Math harness says)."""
     preds = [pred.value] + ([pred.value / 100] if pred.percent else [])
     golds = [gold.value] + ([gold.value / 100] if gold.percent else [])
     for p in preds:
         for g in golds:
             if p == g:
                 return True
-            if g.denominator == 1 and not gold.decimal:
+            if (g.denominator == 1 and not gold.decimal) or not (_in_float_range(p) and _in_float_range(g)):
                 continue
             if abs(p - g) <= REL_TOL * abs(g):
                 return True

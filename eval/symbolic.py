@@ -8,12 +8,13 @@ here (parsing_timeout=None, timeout_seconds=None) and the worker's deadline boun
 from __future__ import annotations
 
 import logging
+import sys
 from fractions import Fraction
 
 from latex2sympy2_extended.math_normalization import NormalizationConfig
 from math_verify import parse, verify
 from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
-from sympy import Basic, simplify
+from sympy import Basic, Expr, Float, Rational, simplify
 from sympy.core.relational import Equality
 
 from eval.equivalence import REL_TOL
@@ -53,6 +54,46 @@ def _same_equation(pred: Basic, gold: Basic) -> bool:
     return bool(same or (simplify(pred.lhs - gold.rhs) == 0 and simplify(pred.rhs - gold.lhs) == 0))
 
 
+# Agreement to this many significant digits sends two huge or tiny values to the exact check;
+# less agreement is a difference that 30-digit evaluation already proves.
+_MAGNITUDE_DIGITS = 20
+
+
+def _outside_floats(value: Basic) -> bool:
+    """Nonzero and past a double's normal range: where math-verify's float checks (rounding, and
+    `chop`, which calls anything below ~1e-15 relative zero) say 1/2004! == 1/2006! == 0."""
+    magnitude = abs(value)
+    return magnitude != 0 and not (sys.float_info.min <= magnitude <= sys.float_info.max)
+
+
+def _exact(expr: Expr) -> Expr:
+    """The exact value: factorials and powers evaluated (the worker's time limit and memory cap
+    bound 10^{10^{10}}), decimals read as the rationals they spell."""
+    expr = expr.xreplace({f: Rational(str(f)) for f in expr.atoms(Float)})
+    return expr.doit()
+
+
+def exact_number_equal(pred: Basic, gold: Basic) -> bool | None:
+    """Two closed-form numbers of which either overflows or underflows a double, compared exactly;
+    None when the float-based comparison is sound (both in range) or they are not plain numbers.
+
+    A 30-digit evaluation (mpmath: no exponent limit) first settles values that differ in their
+    leading digits, so 1/2004! vs 1/2006! or 10^{10^{10}} vs 5 cost nothing; values that agree
+    that far are evaluated exactly, which for 1000! is fast and for 10^{10^{10}} + 1 runs into
+    the time limit, i.e. counts as wrong rather than as a float coincidence."""
+    if not (isinstance(pred, Expr) and isinstance(gold, Expr) and pred.is_number and gold.is_number):
+        return None
+    pv, gv = pred.evalf(30), gold.evalf(30)
+    if not (pv.is_finite and gv.is_finite) or not (_outside_floats(pv) or _outside_floats(gv)):
+        return None
+    if abs(pv - gv) > Float(10) ** -_MAGNITUDE_DIGITS * max(abs(pv), abs(gv)):
+        return False
+    p, g = _exact(pred), _exact(gold)
+    if p.is_Rational and g.is_Rational:
+        return bool(p == g)
+    return bool(simplify(p - g) == 0)
+
+
 def _has_decimal(s: str) -> bool:
     return any(c == "." and (i + 1 < len(s) and s[i + 1].isdigit()) for i, c in enumerate(s))
 
@@ -64,6 +105,9 @@ def symbolic_equal(pred: str, gold: str) -> bool:
         p, g = _parse(pred), _parse(gold)
         if not p or not g:
             return False
+        exact = exact_number_equal(p[0], g[0])
+        if exact is not None:
+            return exact
         if isinstance(p[0], Equality) or isinstance(g[0], Equality):
             return _same_equation(p[0], g[0])
         if verify(g, p, timeout_seconds=None, strict=True):

@@ -197,10 +197,55 @@ def test_number_literals_do_not_expand_huge_exponents():
 
 
 # ------------------------------------------------------------------------------------------
+# Values a double cannot hold are compared exactly, never as 0 == 0 or to a float's digits.
+
+BEYOND_FLOATS_DIFFERENT = [  # each was graded equal before: both sides underflowed or agreed to 15 digits
+    (r"\frac{1}{2004!}", r"\frac{1}{2006!}"),
+    ("10^{-400}", "10^{-500}"),
+    (r"\sqrt{2} \cdot 10^{-400}", r"\sqrt{3} \cdot 10^{-400}"),
+    ("e^{-1000}", "e^{-1001}"),
+    (r"1.00001 \times 10^{-350}", "10^{-350}"),       # a relative tolerance only where a double holds both
+]
+
+BEYOND_FLOATS_EQUAL = [
+    ("1000!", r"\frac{1001!}{1001}"),
+    (r"\frac{1}{2004!}", r"\frac{2005 \cdot 2006}{2006!}"),
+    (r"\frac{1}{3} \times 10^{-500}", r"\frac{1}{3 \times 10^{500}}"),
+    (r"\sqrt{2} \cdot 10^{-400}", r"\frac{\sqrt{8}}{2} \cdot 10^{-400}"),
+    (r"1.5 \times 10^{-500}", r"\frac{3}{2} \cdot 10^{-500}"),
+    (r"1.00001 \times 10^{-300}", "10^{-300}"),       # in range: the protocol's 1e-4 still applies
+]
+
+
+@pytest.mark.parametrize("pred, gold", BEYOND_FLOATS_DIFFERENT)
+def test_values_past_a_double_differ_exactly(pred, gold):
+    assert is_equivalent(pred, gold) is False
+    assert is_equivalent(gold, pred) is False
+
+
+@pytest.mark.parametrize("pred, gold", BEYOND_FLOATS_EQUAL)
+def test_values_past_a_double_equal_exactly(pred, gold):
+    assert is_equivalent(pred, gold) is True
+
+
+def test_tiny_is_not_zero():
+    assert not is_equivalent("10^{-500}", "0") and not is_equivalent("0", r"\frac{1}{2006!}")
+
+
+def test_exact_comparison_of_big_values_is_fast():
+    assert is_equivalent("x^2", "x*x")  # a warm worker
+    start = time.perf_counter()
+    assert is_equivalent("1000!", r"\frac{1001!}{1001}") and not is_equivalent("1000!", "1001!")
+    assert not is_equivalent("2^{10000}", "2^{10000} + 1")
+    assert time.perf_counter() - start < 3.0
+
+
+# ------------------------------------------------------------------------------------------
 # The time limit: pathological input returns False within it, from any thread.
 
 PATHOLOGICAL = [
     (r"10^{10^{10}}", "5"),
+    (r"10^{10^{10}} + 1", r"10^{10^{10}}"),  # agree to any float's digits: only the exact value decides, past the limit
     (r"2^{2^{2^{2^{2^{2^{2}}}}}}", "7"),
     ("(" * 3000 + "1" + ")" * 3000, "2"),
     ("+".join(f"x^{{{i}}}" for i in range(2000)), "x"),
