@@ -1,6 +1,6 @@
-"""Per-GPU peak memory of a training plan, before anything is allocated.
+"""Per-rank peak memory of a training plan, before anything is allocated, for the path that runs.
 
-    python -m engine.memory --config FILE [--world-size 8] [--capacity-gib 79.6] [--json] [--section.key=value ...]
+    python -m engine.memory --config FILE [--world-size 8] [--device cuda|cpu] [--capacity-gib G] [--json] [--section.key=value ...]
 
 The model follows one optimizer step of the FSDP2 plan (engine/parallel.py) on one rank and
 takes the larger of its three high-water marks:
@@ -11,9 +11,17 @@ takes the larger of its three high-water marks:
             the saved ones, with the gathered block, the prefetched one and the gradient buffers
             of the reduce-scatters in flight.
 Static state (sharded fp32 master weights and gradients, AdamW moments) is there at both.
-The breakdown (component -> GiB) sums to the peak; "allocator" is the caching allocator's
-fragmentation, taken as 5% of everything else. The CUDA context, cuBLAS and NCCL workspaces
-live outside PyTorch's allocator: they are subtracted from the device's memory as "reserved".
+
+It plans the path a run takes (`ExecutionPath`): CUDA or CPU, the Triton kernels or their torch
+twins, flash / torch varlen / per-sample SDPA attention. Those change what a layer saves for
+backward, what the loss head holds beside its logits chunk, the chunk itself (a CPU's budget is
+smaller) and what lives outside the tensors:
+  CUDA: the caching allocator's fragmentation, 5% of the tensors; the CUDA context, cuBLAS and
+        NCCL workspaces, outside the allocator, are subtracted from the device as "reserved".
+  CPU:  the ranks of one host share its RAM; each process starts from a baseline of its own
+        (interpreter, libraries, tokenizer, data: measured by train.py before the model is
+        built), and glibc's heap keeps some freed memory (CPU_ALLOCATOR_SLACK of the tensors).
+The breakdown (component -> GiB) sums to the peak.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,7 +42,36 @@ from kernels.cross_entropy import chunk_tokens
 GIB = 2**30
 H100_80GB_GIB = 81559 * 2**20 / GIB  # 79.6 GiB as nvidia-smi reports the 80 GB part
 RUNTIME_RESERVED_GIB = 2.5  # CUDA context + cuBLAS workspaces + NCCL buffers (outside the allocator)
-FRAGMENTATION = 0.05
+FRAGMENTATION = 0.05  # CUDA caching allocator
+# glibc keeps freed mid-size blocks in its heap, so a CPU process's RSS runs above its live tensors
+# (measured by tests/test_memory_cpu.py's runs: 8-14% over the tensors the plan counts).
+CPU_ALLOCATOR_SLACK = 0.10
+# What `python -m engine.memory --device cpu` assumes a training process holds before its model
+# exists (measured here: Python, torch, transformers, a Qwen tokenizer and a small dataset: 0.41-0.42
+# GiB). engine/train.py measures its own instead.
+CPU_PROCESS_BASELINE_GIB = 0.42
+
+
+@dataclass(frozen=True)
+class ExecutionPath:
+    """The device and kernels a run uses, as far as memory is concerned."""
+
+    device: str = "cuda"  # "cuda" | "cpu"
+    kernels: str = "triton"  # "triton" | "torch": kernels.backend(device)
+    attention: str = "flash"  # "flash" | "torch_varlen" | "reference": kernels.attention.select_backend
+
+    @classmethod
+    def of(cls, device_type: str, dtype: torch.dtype) -> ExecutionPath:
+        """The path the kernels package chooses for tensors of this device and dtype (and logs)."""
+        import kernels
+        from kernels.attention import select_backend
+
+        return cls(device_type, kernels.backend(device_type), select_backend(device_type, dtype))
+
+    @classmethod
+    def default_for(cls, device_type: str) -> ExecutionPath:
+        """What a machine of this kind runs by default: Triton + flash on CUDA, the torch path on CPU."""
+        return cls() if device_type == "cuda" else cls("cpu", "torch", "reference")
 
 
 @dataclass
@@ -43,28 +81,44 @@ class MemoryPlan:
     fits: bool
     moment: str  # which high-water mark is the peak
     breakdown: dict[str, float]  # GiB, sums to peak_gib
+    path: dict[str, str] = field(default_factory=dict)  # the ExecutionPath planned for
+    baseline_gib: float = 0.0  # part of the peak the process held before its model existed (CPU)
+    config_source: str = ""  # where the model's architecture came from
+
+    @property
+    def growth_gib(self) -> float:
+        """The peak above the process's baseline: what the training state adds."""
+        return self.peak_gib - self.baseline_gib
 
     def report(self) -> str:
         width = max(map(len, self.breakdown))
         lines = [f"  {k:<{width}}  {v:8.2f} GiB" for k, v in self.breakdown.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  {'peak':<{width}}  {self.peak_gib:8.2f} GiB  ({self.moment}) of {self.capacity_gib:.1f} GiB usable: {verdict}")
+        if self.path:
+            lines.append(f"  planned for {self.path['device']}: kernels {self.path['kernels']}, attention {self.path['attention']}")
         return "\n".join(lines)
 
 
-def layer_activation_bytes_per_token(args: ModelArgs, compute_bytes: int) -> int:
+def layer_activation_bytes_per_token(args: ModelArgs, compute_bytes: int, path: ExecutionPath = ExecutionPath()) -> int:
     """Bytes one decoder layer saves for backward per token, without checkpointing.
 
-    Counted tensor by tensor for the kernels the engine runs (tests/test_memory.py measures it
-    with saved-tensor hooks): the input norm saves its input and its output (the q/k/v
-    projections' input); attention (flash/varlen) saves rotated q, k, v, its output and the
-    fp32 log-sum-exp; the fused residual norm saves the sum and its output (the MLP's input);
-    SwiGLU saves gate, up, silu(gate) and their product; each norm saves an fp32 rstd.
+    Counted tensor by tensor for the kernels the path runs (tests/test_memory.py measures each
+    with saved-tensor hooks). Triton + flash: the input norm saves its input and its output (the
+    q/k/v projections' input); attention saves rotated q, k, v, its output and the fp32
+    log-sum-exp; the fused residual norm saves the sum and its output (the MLP's input); SwiGLU
+    saves gate, up, silu(gate) and their product; each norm saves an fp32 rstd. The torch
+    RMSNorm also keeps its fp32 normalised input (one [T, H] fp32 per norm); the per-sample SDPA
+    reference keeps each sample's output beside the stream's (one more [T, Hq * D]).
     """
     H, I = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     elements = 4 * H + 2 * q + 2 * kv + 4 * I
+    if path.attention == "reference":
+        elements += q
     fp32 = 2 + args.num_heads  # two rstd + one lse per head
+    if path.kernels == "torch":
+        fp32 += 2 * H
     return elements * compute_bytes + fp32 * 4
 
 
@@ -79,11 +133,27 @@ def device_capacity_gib(device: torch.device) -> tuple[float, float]:
     return host / int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 0.0
 
 
-def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: float, reserved_gib: float = RUNTIME_RESERVED_GIB) -> MemoryPlan:
-    """The per-GPU peak of `cfg` for a model of `args` on `world_size` GPUs of `capacity_gib`."""
+def plan_memory(
+    cfg: Config,
+    args: ModelArgs,
+    world_size: int,
+    capacity_gib: float,
+    reserved_gib: float | None = None,
+    path: ExecutionPath = ExecutionPath(),
+    baseline_gib: float | None = None,
+) -> MemoryPlan:
+    """The per-rank peak of `cfg` for a model of `args` on `world_size` ranks of `capacity_gib`.
+
+    `reserved_gib` (default: the CUDA runtime on a GPU, nothing on a CPU) is taken off the
+    capacity. `baseline_gib` is a CPU process's own memory before its model exists (default
+    CPU_PROCESS_BASELINE_GIB on a CPU, 0 on a GPU, where the allocator starts empty).
+    """
     p = cfg.parallel
     if world_size % p.dp_replicate:
         raise ConfigError(f"parallel.dp_replicate={p.dp_replicate} does not divide the world size {world_size}")
+    on_cpu = path.device != "cuda"
+    reserved_gib = (0.0 if on_cpu else RUNTIME_RESERVED_GIB) if reserved_gib is None else reserved_gib
+    baseline_gib = (CPU_PROCESS_BASELINE_GIB if on_cpu else 0.0) if baseline_gib is None else baseline_gib
     shard = world_size // p.dp_replicate
     cb = 2 if cfg.train.dtype == "bfloat16" else 4  # compute (gathered parameter) bytes
     state_bytes = 2 if cfg.optim.state_dtype == "bfloat16" else 4
@@ -92,14 +162,14 @@ def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: flo
     n_total = args.num_params()
     n_head = 0 if args.tie_word_embeddings else V * H
     n_block = (n_total - V * H - n_head - H) // L
-    on_gpu = 0 if p.cpu_offload else 1
+    on_device = 0 if p.cpu_offload else 1
 
     static = {
-        "params (sharded fp32)": on_gpu * n_total * 4 / shard,
-        "grads (sharded fp32)": on_gpu * n_total * 4 / shard,
-        "optimizer (sharded moments)": on_gpu * 2 * n_total * state_bytes / shard,
+        "params (sharded fp32)": on_device * n_total * 4 / shard,
+        "grads (sharded fp32)": on_device * n_total * 4 / shard,
+        "optimizer (sharded moments)": on_device * 2 * n_total * state_bytes / shard,
     }
-    per_layer = layer_activation_bytes_per_token(args, cb) * T
+    per_layer = layer_activation_bytes_per_token(args, cb, path) * T
     boundary = T * H * cb  # what a checkpointed layer keeps: its input
     if p.activation_checkpointing == "full":
         checkpointed = L
@@ -114,14 +184,21 @@ def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: flo
     all_gather_staging = n_block * cb  # a prefetch's flat all-gather output before copy-out
     block_grads = n_block * cb + 2 * n_block * 4  # unsharded grads + fp32 reduce-scatter inputs (current, in flight)
 
-    chunk = chunk_tokens(T, V, torch.bfloat16 if cb == 2 else torch.float32)  # the kernel's own rule
+    dtype = torch.bfloat16 if cb == 2 else torch.float32
+    chunk = chunk_tokens(T, V, dtype, device_type=path.device)  # the kernel's own rule
+    # A half chunk's fp32 working copy, one at a time: the torch twin computes its loss in fp32,
+    # and a CPU's matmuls take half operands to fp32 (no fp32-output half matmuls there), the head too.
+    chunk_copies = chunk * V * 4 if cb < 4 and (path.kernels == "torch" or on_cpu) else 0
+    head_upcast = V * H * 4 if on_cpu and cb < 4 else 0
     gathered_head = (n_head or V * H) * cb + n_block * cb  # the head, and the last block prefetched for backward
+    if on_cpu:  # gloo's all-gather output of the head group stays alive beside the unsharded head (measured)
+        gathered_head += (n_head or V * H) * cb
     ce_fp32 = V * H * 4 + T * H * 4  # fused cross-entropy's fp32 dweight and dhidden
     head_forward = {
         **static,
         "gathered weights (head + next block)": gathered_head,
         "saved activations": saved_all,
-        "loss head (logits chunk + fp32 grads)": chunk * V * cb + ce_fp32,
+        "loss head (logits chunk + fp32 grads)": chunk * V * cb + chunk_copies + head_upcast + ce_fp32,
     }
     head_backward = {
         **static,
@@ -140,11 +217,14 @@ def plan_memory(cfg: Config, args: ModelArgs, world_size: int, capacity_gib: flo
     moments = {"head forward": head_forward, "head backward": head_backward, "last-layer recompute": recompute}
     moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
     parts = dict(parts)
-    parts["allocator"] = FRAGMENTATION * sum(parts.values())
+    parts["allocator"] = (CPU_ALLOCATOR_SLACK if on_cpu else FRAGMENTATION) * sum(parts.values())
     breakdown = {k: v / GIB for k, v in parts.items()}
+    if on_cpu:
+        breakdown["process baseline (before the model)"] = baseline_gib
     peak = sum(breakdown.values())
     usable = capacity_gib - reserved_gib
-    return MemoryPlan(peak_gib=peak, capacity_gib=usable, fits=peak <= usable, moment=moment, breakdown=breakdown)
+    return MemoryPlan(peak_gib=peak, capacity_gib=usable, fits=peak <= usable, moment=moment, breakdown=breakdown,
+                      path=asdict(path), baseline_gib=baseline_gib if on_cpu else 0.0)  # fmt: skip
 
 
 def checkpoint_bytes(cfg: Config, args: ModelArgs) -> int:
@@ -154,34 +234,113 @@ def checkpoint_bytes(cfg: Config, args: ModelArgs) -> int:
     return args.num_params() * (4 + 2 * state_bytes)
 
 
-def model_args(cfg: Config) -> ModelArgs:
-    if cfg.model.preset:
-        return PRESETS[cfg.model.preset]
-    from engine.weights import resolve_model_dir
+# ---------------------------------------------------------------------------------------------
+# What a process really holds: the measurement the plan is held to.
 
-    folder = resolve_model_dir(cfg.model.path, config_only=True)
-    return ModelArgs.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
+
+def host_rss_gib(peak: bool = False) -> float | None:
+    """This process's resident set (or, with `peak`, its high-water mark VmHWM) in GiB, from
+    /proc/self/status; None where there is no such file (not Linux)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    key = "VmHWM:" if peak else "VmRSS:"
+    for line in status.read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 2**20  # KiB
+    return None
+
+
+class PeakProbe:
+    """This process's peak memory from now on, for the plan to be checked against.
+
+    CUDA: the caching allocator's peak of allocated bytes. CPU: the resident set's high-water
+    mark (VmHWM), reset here through /proc/self/clear_refs, so the peak is the training's and not
+    an earlier one's; the resident set at the reset is the process's baseline.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline_gib = torch.cuda.memory_allocated(device) / GIB
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
+        except OSError:  # not Linux: the peak then counts from the process's start
+            pass
+        self.baseline_gib = host_rss_gib() or 0.0
+
+    def peak_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / GIB
+        hwm = host_rss_gib(peak=True)
+        if hwm is None:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, the process's whole life
+        return hwm
+
+
+def record_peaks(path: str | os.PathLike, plan: MemoryPlan, probe: PeakProbe, rank: int, world_size: int) -> None:
+    """Every rank's measured peak beside the plan, in one JSON file (rank 0 writes it): the
+    planner's error on this run, per rank. On a CPU both sides count from the process's baseline
+    (`growth`); on a GPU, from an empty allocator. Every rank must call it (an all-gather)."""
+    import torch.distributed as dist
+
+    mine = {"rank": rank, "baseline_gib": probe.baseline_gib, "peak_gib": probe.peak_gib()}
+    ranks = [mine]
+    if dist.is_initialized() and world_size > 1:
+        ranks = [None] * world_size
+        dist.all_gather_object(ranks, mine)
+    if rank != 0:
+        return
+    cpu = probe.device.type != "cuda"
+    for r in ranks:
+        r["growth_gib"] = r["peak_gib"] - r["baseline_gib"] if cpu else r["peak_gib"]
+        r["plan_error"] = r["growth_gib"] / plan.growth_gib - 1.0  # > 0: more than planned
+    report = {"plan": {**asdict(plan), "growth_gib": plan.growth_gib}, "measured": ranks,
+              "what": "growth = peak RSS - RSS before the model was built (CPU); peak allocated (CUDA)"}
+    Path(path).write_text(json.dumps(report, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m engine.memory", description="Per-GPU peak memory of a training plan.")
+    from engine.weights import model_args
+
+    p = argparse.ArgumentParser(prog="python -m engine.memory", description="Per-rank peak memory of a training plan.")
     p.add_argument("--config", required=True)
-    p.add_argument("--world-size", type=int, default=8, help="GPUs in the run (default 8)")
-    p.add_argument("--capacity-gib", type=float, default=H100_80GB_GIB, help=f"memory of one GPU (default {H100_80GB_GIB:.1f}, an 80 GB H100)")
+    p.add_argument("--world-size", type=int, default=8, help="ranks in the run (default 8)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="plan for GPUs (Triton, flash) or CPU processes (torch kernels, "
+                                                               "SDPA); default: train.device, or cuda when it is auto")
+    p.add_argument("--capacity-gib", type=float,
+                   help=f"memory of one rank (default {H100_80GB_GIB:.1f} GiB, an 80 GB H100; on --device cpu, this host's RAM "
+                        "over --world-size)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = p.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
-        plan = plan_memory(cfg, model_args(cfg), args.world_size, args.capacity_gib)
+        device = args.device or ("cpu" if cfg.train.device == "cpu" else "cuda")
+        model, source = model_args(cfg)
+        capacity = args.capacity_gib
+        if capacity is None:
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+            capacity = H100_80GB_GIB if device == "cuda" else host / args.world_size
+        plan = plan_memory(cfg, model, args.world_size, capacity, path=ExecutionPath.default_for(device))
+        plan.config_source = source
     except ValueError as e:  # ConfigError, WeightsError, ArchitectureError: all name what is wrong
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(asdict(plan)))
+        print(json.dumps({**asdict(plan), "growth_gib": plan.growth_gib}))
     else:
-        print(f"{args.config} on {args.world_size} GPUs of {args.capacity_gib:.1f} GiB:\n{plan.report()}")
+        unit = "GPUs" if device == "cuda" else "CPU processes"
+        print(f"{args.config} on {args.world_size} {unit} of {capacity:.1f} GiB (model config: {source}):\n{plan.report()}")
     return 0 if plan.fits else 1
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engine.memory import host_rss_gib
 from engine.model import ModelArgs
 
 # Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, without sparsity).
@@ -51,10 +52,12 @@ def step_flops_torchtitan(args: ModelArgs, num_tokens: int, context: int) -> flo
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak bytes held so far: the CUDA caching allocator's peak, or the process's max RSS on CPU."""
+    """Peak GiB held so far: the CUDA caching allocator's peak, or the process's peak RSS on CPU
+    (counted since engine.memory.PeakProbe reset it, before the model was built)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak = host_rss_gib(peak=True)
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class MetricsLogger:

@@ -137,8 +137,20 @@ PRESETS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(vocab_size=320, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4, num_kv_heads=2, rope_theta=10_000.0),
     "qwen2.5-0.5b": ModelArgs(151936, 896, 4864, 24, 14, 2, tie_word_embeddings=True, **_QWEN25),
     "qwen2.5-1.5b": ModelArgs(151936, 1536, 8960, 28, 12, 2, tie_word_embeddings=True, **_QWEN25),
+    "qwen2.5-3b": ModelArgs(151936, 2048, 11008, 36, 16, 2, tie_word_embeddings=True, **_QWEN25),
     "qwen2.5-7b": ModelArgs(152064, 3584, 18944, 28, 28, 4, **_QWEN25),
+    "qwen2.5-14b": ModelArgs(152064, 5120, 13824, 48, 40, 8, **_QWEN25),
     "qwen2.5-32b": ModelArgs(152064, 5120, 27648, 64, 40, 8, **_QWEN25),
+    "qwen2.5-72b": ModelArgs(152064, 8192, 29568, 80, 64, 8, **_QWEN25),
+}
+
+# Hub ids of the Qwen2.5 family -> the preset holding their architecture (the Instruct and base
+# models share it), so planning and the checks that need no weights work with no network: compute
+# nodes often have none, and "will it fit?" comes before a 65 GB download.
+HUB_PRESETS: dict[str, str] = {
+    f"Qwen/Qwen2.5-{size}{kind}": f"qwen2.5-{size.lower()}"
+    for size in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
+    for kind in ("", "-Instruct")
 }
 
 

@@ -66,9 +66,40 @@ def resolve_model_dir(path: str | os.PathLike, config_only: bool = False) -> Pat
 
     try:
         folder = snapshot_download(text, allow_patterns=["config.json"] if config_only else HUB_FILES)
-    except Exception as e:  # network, auth, missing repo: all end the run with the id named
-        raise WeightsError(f"model {text!r} is not a local folder and could not be fetched from the hub: {e}") from None
+    except Exception as e:  # network, auth, missing repo: all end the run with the id named, on one line
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"model {text!r} is not a local folder and could not be fetched from the hub ({why})") from None
     return Path(folder)
+
+
+def model_args(cfg: Any) -> tuple[ModelArgs, str]:
+    """The architecture of an engine.config.Config's model without its weights, and where it came
+    from: the preset; a local folder's config.json; a hub id's config.json (fetched alone, or from
+    the cache); or, when neither the hub nor its cache answers, the built-in config of a known
+    Qwen2.5 id (engine.model.HUB_PRESETS). Any other id that cannot be fetched is one clear error."""
+    from engine.model import HUB_PRESETS, PRESETS
+
+    if cfg.model.preset:
+        return PRESETS[cfg.model.preset], f"preset {cfg.model.preset}"
+    path = cfg.model.path
+    local = Path(path)
+    if not local.is_dir() and str(path) in HUB_PRESETS:
+        try:
+            folder = resolve_model_dir(path, config_only=True)
+        except WeightsError:
+            preset = HUB_PRESETS[str(path)]
+            return PRESETS[preset], f"built-in config of {path} (preset {preset}; the hub and its cache did not answer)"
+    else:
+        try:
+            folder = resolve_model_dir(path, config_only=True)
+        except WeightsError as e:
+            raise WeightsError(
+                f"{e}; with no network, pass --model.preset=NAME (one of {', '.join(sorted(PRESETS))}) or a local model folder"
+            ) from None
+    config = folder / "config.json"
+    if not config.is_file():
+        raise WeightsError(f"{config} does not exist: not a Hugging Face model folder")
+    return ModelArgs.from_hf(json.loads(config.read_text()), source=str(config)), str(config)
 
 
 class HFCheckpoint:
