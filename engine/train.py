@@ -26,13 +26,13 @@ import kernels
 from engine.checkpoint import Checkpointer, crash_point
 from engine.config import Config, ConfigError, check_resume, describe_keys, load_config, resume_settings
 from engine.export import export_hf
-from engine.memory import checkpoint_bytes, device_capacity_gib, plan_memory
+from engine.memory import ExecutionPath, PeakProbe, checkpoint_bytes, device_capacity_gib, plan_memory, record_peaks
 from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops, step_flops_torchtitan
 from engine.model import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import init_distributed, materialize, parallelize
 from engine.preflight import preflight
-from engine.weights import GENERATION_CONFIG, HFCheckpoint, resolve_model_dir
+from engine.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
 
 log = logging.getLogger("engine.train")
 
@@ -82,6 +82,16 @@ def train(cfg: Config) -> None:
     out = Path(cfg.train.output_dir)
 
     d.check_shared_folder(out)
+    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+    planned, source = model_args(cfg)  # config.json alone (or a built-in config offline): "will it fit?" before any download
+    plan = plan_memory(cfg, planned, d.world_size, *device_capacity_gib(d.device), path=ExecutionPath.of(d.device.type, dtype),
+                       baseline_gib=PeakProbe(d.device).baseline_gib)  # fmt: skip
+    log.info("memory plan per rank (%s; model config: %s):\n%s", d.device.type, source, plan.report())
+    if not plan.fits and cfg.train.memory_check:
+        raise RuntimeError(
+            f"the memory planner puts this run at {plan.peak_gib:.1f} GiB per rank, over the {plan.capacity_gib:.1f} GiB "
+            f"usable (python -m engine.memory --config ... shows the breakdown); run anyway with --train.memory_check=false"
+        )
     with d.node_leaders_first():  # hub ids download once per node
         model_dir = resolve_model_dir(cfg.model.path) if cfg.model.path else None
         tokenizer = resolve_tokenizer(cfg.data, model_path=model_dir)
@@ -104,14 +114,9 @@ def train(cfg: Config) -> None:
             "choose another train.output_dir, or remove that folder"
         )
 
-    plan = plan_memory(cfg, args, d.world_size, *device_capacity_gib(d.device))
-    log.info("memory plan per rank (%s):\n%s", d.device.type, plan.report())
-    if not plan.fits and cfg.train.memory_check:
-        raise RuntimeError(
-            f"the memory planner puts this run at {plan.peak_gib:.1f} GiB per rank, over the {plan.capacity_gib:.1f} GiB "
-            f"usable (python -m engine.memory --config ... shows the breakdown); run anyway with --train.memory_check=false"
-        )
-    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+    if args != planned:  # the folder's config.json differs from the built-in one planned offline
+        plan = plan_memory(cfg, args, d.world_size, *device_capacity_gib(d.device), path=ExecutionPath.of(d.device.type, dtype))
+    probe = PeakProbe(d.device)  # from here on, memory is the training's: held against the plan in memory.json
     model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
     parallelize(model, d.mesh, cfg.parallel, param_dtype=dtype)
     materialize(model, d.device, hf, seed=cfg.train.seed, std=cfg.model.init_std, cpu_offload=cfg.parallel.cpu_offload)
@@ -179,6 +184,7 @@ def train(cfg: Config) -> None:
         if step >= total_steps:
             break
     metrics.close()
+    record_peaks(out / "memory.json", plan, probe, d.rank, d.world_size)
 
     if cfg.checkpoint.export_hf:
         base_generation = model_dir / GENERATION_CONFIG if model_dir else None  # sampling defaults vLLM reads
