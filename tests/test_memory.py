@@ -92,6 +92,14 @@ def test_command_line_json(tmp_path):
     plan = json.loads(out.stdout)
     assert {"peak_gib", "capacity_gib", "fits", "moment", "breakdown", "path", "config_source"} <= set(plan)
     assert plan["fits"] is True and sum(plan["breakdown"].values()) == pytest.approx(plan["peak_gib"])
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}  # no network, no cache
+    out = subprocess.run([sys.executable, "-m", "engine.memory", "--config", "configs/limo_qwen2.5_32b_8xh100.toml", "--json"],
+                         cwd=ROOT, env=offline, capture_output=True, text=True, check=True)
+    plan = json.loads(out.stdout)
+    assert plan["fits"] and "built-in config of Qwen/Qwen2.5-32B-Instruct" in plan["config_source"]
+    unknown = subprocess.run([sys.executable, "-m", "engine.memory", "--config", "configs/demo.toml", "--model.path=someone/unknown"],
+                             cwd=ROOT, env=offline, capture_output=True, text=True)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "--model.preset=" in unknown.stderr
     bad = subprocess.run([sys.executable, "-m", "engine.memory", "--config", "configs/demo.toml", "--train.dtype=fp8"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "train.dtype = 'fp8' is not one of" in bad.stderr

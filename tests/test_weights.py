@@ -157,3 +157,37 @@ def test_export_holds_one_shard_at_a_time_and_keeps_the_generation_config(tmp_pa
     assert back.generation_config.eos_token_id == [7, 3]
     for ref in storages:
         torch.UntypedStorage._free_weak_ref(ref)
+
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b", "7b", "32b"])
+def test_built_in_configs_equal_the_real_qwen25_configs(size):
+    """The architectures planned offline are the ones in the models' own config.json files."""
+    from engine.model import HUB_PRESETS, PRESETS, ModelArgs
+    from tests.conftest import shared_path
+
+    real = json.loads(shared_path("data", "model_configs", f"qwen2.5-{size}-instruct.json").read_text())
+    assert PRESETS[f"qwen2.5-{size}"] == ModelArgs.from_hf(real)
+    assert HUB_PRESETS[f"Qwen/Qwen2.5-{size.upper()}-Instruct"] == HUB_PRESETS[f"Qwen/Qwen2.5-{size.upper()}"] == f"qwen2.5-{size}"
+
+
+def test_model_args_without_network_use_the_built_in_config_and_say_so(tmp_path, monkeypatch):
+    """A known hub id resolves to its built-in config when neither the hub nor its cache answers;
+    an unknown one is one line naming what to pass instead."""
+    from engine.config import load_config
+    from engine.model import PRESETS
+    from engine.weights import model_args
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    cfg = load_config(ROOT / "configs/limo_qwen2.5_32b_8xh100.toml")
+    args, source = model_args(cfg)
+    assert args == PRESETS["qwen2.5-32b"] and "built-in config of Qwen/Qwen2.5-32B-Instruct" in source
+    cfg.model.path = "someone/unknown-model"
+    with pytest.raises(WeightsError) as e:
+        model_args(cfg)
+    assert "someone/unknown-model" in str(e.value) and "--model.preset=" in str(e.value) and "\n" not in str(e.value)
+    folder = tmp_path / "folder"
+    random_hf_qwen2(seed=1).save_pretrained(folder)
+    cfg.model.path = str(folder)
+    assert model_args(cfg)[1] == str(folder / "config.json")
