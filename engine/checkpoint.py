@@ -86,6 +86,7 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 SET_ASIDE = "set-aside"
 LOCK = ".checkpoints.lock"
 
+
 class CheckpointWriteError(RuntimeError):
     """A save that could not be written (a full disk, an I/O error); raised on every rank."""
 
@@ -200,7 +201,7 @@ class Checkpointer:
     def __init__(self, output_dir: str | os.PathLike, keep_last: int, rank: int):
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last, self.rank = keep_last, rank
-        self._lock_file: Any = None
+        self._lock_file: Any = None  # rank 0's open lock file, held for the life of the process
         self._claimed = False
 
     def complete(self) -> list[Path]:
@@ -224,8 +225,11 @@ class Checkpointer:
         """Rank 0 holds an flock on output_dir/.checkpoints.lock while the process lives; the
         kernel drops it when the process dies, however it dies. The refusal, if another holds it."""
         path = self.root.parent / LOCK
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file stays open)
+        except OSError as e:
+            return f"{path}: cannot be opened ({_errno(e)}), so no checkpoint can be written into {self.root}"
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -350,7 +354,7 @@ class Checkpointer:
             dcp.save(tensors, storage_writer=writer)  # its writer fsyncs the shards
             rng = f"rng-rank{self.rank}.json"
             writer.fs.files[rng] = _write_durably(tmp / rng, json.dumps(_rng_state()))
-        except (OSError, RuntimeError, CheckpointException) as e:  # DCP's is a BaseException
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP's is a BaseException; every failure must reach every rank)
             failed, detail = True, _failure(self.rank, writer.fs.error, e)
         reports = _all_gather((failed, detail, writer.fs.files, _bytes_written(tensors)))
         needed = sum(r[3] for r in reports)

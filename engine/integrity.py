@@ -124,7 +124,7 @@ class HashingFileSystem(FileSystem):
             return
         path = Path(path)
         try:
-            file = open(path, mode)
+            file = open(path, mode)  # noqa: SIM115  (closed by the stream that wraps it, below)
         except OSError as e:
             self.note(path, e)
             raise

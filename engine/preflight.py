@@ -35,9 +35,9 @@ def _check_paths(cfg: Config) -> None:
     if model is not None and Path(model).is_dir() and not (Path(model) / "config.json").is_file():
         raise ConfigError(f"model.path={model!r}: the folder has no config.json, so it is not a Hugging Face model")
     data = cfg.data.path
-    if data != "synthetic" and not Path(data).is_file():
-        if Path(data).exists() or Path(data).suffix in _DATA_SUFFIXES or not _HUB_ID.match(data):
-            raise ConfigError(f"data.path={data!r}: no such data file ({', '.join(_DATA_SUFFIXES)}), nor 'synthetic' or a hub dataset id")
+    hub_id = not Path(data).exists() and Path(data).suffix not in _DATA_SUFFIXES and _HUB_ID.match(data)
+    if data != "synthetic" and not Path(data).is_file() and not hub_id:
+        raise ConfigError(f"data.path={data!r}: no such data file ({', '.join(_DATA_SUFFIXES)}), nor 'synthetic' or a hub dataset id")
     tokenizer = cfg.data.tokenizer
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConfigError(f"data.tokenizer={tokenizer!r}: no such folder")
