@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data.sources import DataError, Sample
+from data.sources import DataError, Sample, detect_format, to_sample
 
 IGNORE = -100
 
@@ -56,14 +56,32 @@ def reply_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) -> t
     return text, spans
 
 
-def encode(sample: Sample | list[dict[str, str]], tokenizer: Any, system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+def as_sample(sample: Sample | list[dict[str, str]] | dict[str, Any]) -> Sample:
+    """A Sample; a list of chat messages; or a record as a plain dict, in any layout data/sources.py
+    reads (LIMO question/solution/answer, `messages`, alpaca), told apart by its keys."""
+    if isinstance(sample, Sample):
+        return sample
+    if isinstance(sample, list):
+        return Sample(list(sample), "<messages>")
+    if isinstance(sample, dict):
+        return to_sample(sample, detect_format(sample, "<record>"), "<record>")  # a DataError names the keys it expected
+    raise DataError(
+        f"encode: expected a Sample, a list of chat messages or a record dict (limo: question, solution, answer; "
+        f"messages: messages; alpaca: instruction, input, output), got {type(sample).__name__}"
+    )
+
+
+def encode(
+    sample: Sample | list[dict[str, str]] | dict[str, Any], tokenizer: Any, system_prompt: str | None = None
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation; labels are -100 outside assistant replies.
 
-    Each reply is supervised up to and including the last special token of its span (the
-    turn's closing token); a reply span without one is an error, since the model would never
-    learn to stop.
+    `sample` is anything `as_sample` takes: a LIMO record `{"question", "solution", "answer"}` as it
+    sits in a .jsonl line works as it is. Each reply is supervised up to and including the last
+    special token of its span (the turn's closing token); a reply span without one is an error,
+    since the model would never learn to stop.
     """
-    sample = sample if isinstance(sample, Sample) else Sample(list(sample), "<messages>")
+    sample = as_sample(sample)
     specials = special_tokens(tokenizer)
     for i, message in enumerate(sample.messages):
         for token in specials.values():

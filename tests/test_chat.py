@@ -107,3 +107,21 @@ def test_byte_tokenizer_labels_on_unicode_text():
     assert ids == tok(tok.apply_chat_template(messages, tokenize=False))["input_ids"]
     supervised = [i for i, label in zip(ids, labels) if label != IGNORE]
     assert supervised == list(reply.encode()) + [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_encode_takes_a_record_of_every_layout_as_a_plain_dict(qwen):
+    """The LIMO record the README and the loader talk about, alpaca and `messages`, as plain dicts:
+    the same tokens as the Sample each becomes; anything else names the keys it expected."""
+    limo = {"question": "Compute 1 + 2.", "solution": "1 + 2 = 3, so \\boxed{3}.", "answer": "3", "id": 7}
+    alpaca = {"instruction": "Compute 1 + 2.", "input": "", "output": "1 + 2 = 3, so \\boxed{3}."}
+    chat = {"messages": [{"role": "user", "content": "Compute 1 + 2."}, {"role": "assistant", "content": "1 + 2 = 3, so \\boxed{3}."}]}
+    want = encode(Sample(chat["messages"], "x"), qwen, LIMO_SYSTEM)
+    for record in (limo, alpaca, chat):
+        assert encode(record, qwen, LIMO_SYSTEM) == want
+    with pytest.raises(DataError, match=r"cannot tell the record layout from \['prompt', 'response'\]; expected limo \(question, "
+                                        r"solution, answer\)"):
+        encode({"prompt": "a", "response": "b"}, qwen)
+    with pytest.raises(DataError, match="field 'solution' is missing"):
+        encode({"question": "a", "answer": "b"}, qwen)
+    with pytest.raises(DataError, match="expected a Sample, a list of chat messages or a record dict"):
+        encode("Compute 1 + 2.", qwen)
