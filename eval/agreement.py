@@ -1,11 +1,13 @@
 """How often does our grader agree with the Qwen2.5-Math harness on real model outputs?
 
-`python -m eval.agreement [--shared ../shared] [--adjudicated tests/adjudicated.json] [--show]`
-grades every output in ../shared/data/graded_outputs (see its PROVENANCE.md) with
-extract_answer + is_equivalent against the benchmark's own gold, and prints agreement with the
-harness's verdicts per file and overall. Disagreements are checked against the hand-adjudicated
+`python -m eval.agreement [--shared ../shared] [--adjudicated tests/adjudicated.json] [--show]
+[--verdicts FILE]` grades every output in ../shared/data/graded_outputs (see its PROVENANCE.md)
+with extract_answer + is_equivalent against the benchmark's own gold, and prints agreement with the
+harness's verdicts per file and overall, and the grading speed (verdicts per second, the worker
+processes started before the clock). Disagreements are checked against the hand-adjudicated
 cases: each says who was right and why; an unadjudicated disagreement is listed and makes the
-command exit non-zero.
+command exit non-zero. `--verdicts` writes one JSON line per output (file, idx, extracted
+answer, verdict): diff two of them to see what a grader change moved.
 
 Golds: MATH500 and AIME records carry the dataset's answer; OlympiadBench records only carry the
 harness's own normalised copy (which lost letters: `m n-\\lfloor m/2\\rfloor` became
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,13 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared folder (default ../shared)")
     p.add_argument("--adjudicated", type=Path, default=ROOT / "tests/adjudicated.json", help="hand-adjudicated cases")
     p.add_argument("--show", action="store_true", help="print every disagreement with its answers")
-    p.add_argument("--threads", type=int, default=4, help="grading threads (each uses its own worker process)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                   help="grading threads; symbolic checks share one worker process per CPU (default: the CPU count)")
+    p.add_argument("--verdicts", type=Path, help="write each output's (file, idx, extracted answer, verdict) here, as JSON lines")
     args = p.parse_args(argv)
 
     records = load_graded_outputs(args.shared)
     adjudicated = load_adjudicated(args.adjudicated) if args.adjudicated.exists() else {}
     with ThreadPoolExecutor(args.threads) as pool:
+        list(pool.map(lambda _: is_equivalent("x^2", "x x"), range(2 * args.threads)))  # workers started, off the clock
+        start = time.perf_counter()
         results = list(pool.map(grade, records))
+        elapsed = time.perf_counter() - start
+    if args.verdicts:
+        with open(args.verdicts, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps([r.file, r.idx, pred, ok]) + "\n" for r, (pred, ok) in zip(records, results))
 
     per_file: dict[str, list[int]] = {}
     harness_wrong: dict[str, int] = {}
@@ -148,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     wrong = ", ".join(f"{k} {v}" for k, v in sorted(harness_wrong.items())) or "0"
     print(f"\ndisagreements: {total[0] - total[1]}; adjudicated: harness wrong {sum(harness_wrong.values())} ({wrong}), "
           f"ours wrong {ours_wrong}; not adjudicated: {len(open_cases)}")
+    print(f"graded {len(records)} outputs in {elapsed:.2f} s: {len(records) / elapsed:.0f} verdicts/s on {args.threads} threads")
     no_box = harness_wrong.get("no_box", 0)
     print(f"agreement leaving out outputs without \\boxed (a protocol difference, not a grading one): "
           f"{total[1] / (total[0] - no_box):.2%} of {total[0] - no_box}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from eval.normalize import Number, key, normalize, parse_number
+from eval.screen import clearly_different
 
 # A relative tolerance for rounded quantities, as LIMO's protocol and the Qwen2.5-Math harness use.
 REL_TOL = Fraction(1, 10_000)
@@ -35,6 +36,8 @@ _ONE_SIDED_REVERSED_RE = re.compile(rf"\s*{_BOUND}\s*{_OP}\s*({_VAR})\s*")
 _TWO_SIDED_RE = re.compile(rf"\s*{_BOUND}\s*{_OP}\s*({_VAR})\s*{_OP}\s*{_BOUND}\s*")
 _LESS = ("<", "\\leq")
 _FLIP = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
+_RELATION_OP_RE = re.compile(r"\\leq|\\geq|\\neq|<|>|=")
+_LHS_NAME_RE = re.compile(r"\s*((?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z, ]*\))?)\s*=(?!=)")
 _OR_RE = re.compile(r"\s+(?:or|and)\s+|\\(?:text\{ ?or ?\}|lor|vee)")
 
 
@@ -183,6 +186,8 @@ def leaf_equal(pred: str, gold: str) -> bool:
         return False
     if g is not None and _TRANSCENDENTAL_RE.search(pred):
         return False  # a number was asked for; an unevaluated cos(2pi/5)... is not an answer yet
+    if clearly_different(normalize(pred), normalize(gold)):
+        return False  # settled by floats in microseconds; sympy would take tens of milliseconds to agree
     from eval.symbolic import symbolic_equal  # here, not at the top: the grading process never loads sympy
 
     return symbolic_equal(normalize(pred), normalize(gold))
@@ -231,9 +236,29 @@ def trees_equal(pred: Tree, gold: Tree) -> bool:
     return False
 
 
+def _one_relation(s: str) -> bool:
+    ops = _RELATION_OP_RE.findall(s)
+    return len(ops) == 1 and ops[0] != "\\neq" and len(split_top(s, ",")) == 1
+
+
+def relations_equal(pred: str, gold: str) -> bool:
+    """Two answers that are each one equation or inequality, compared as relations (eval/relations.py:
+    rearranged, negated, rescaled). The trees cannot see it: `y =` was dropped as a label from
+    `y = -\\frac{1}{2}x + \\frac{3}{4}`, and `x < 1` became an interval that `-x > -1` is not."""
+    p, g = normalize(pred, keep_lhs=True), normalize(gold, keep_lhs=True)
+    if not (_one_relation(p) and _one_relation(g)):
+        return False
+    lhs_p, lhs_g = _LHS_NAME_RE.match(p), _LHS_NAME_RE.match(g)
+    if lhs_p and lhs_g and lhs_p.group(1) == lhs_g.group(1) and lhs_p.group(1) not in p[lhs_p.end():] + g[lhs_g.end():]:
+        return False  # `f(x) = ...` both: the trees compared the right-hand sides, and no rescaling keeps f(x) alone
+    from eval.symbolic import relation_equal  # sympy stays out of the grading process, as in leaf_equal
+
+    return relation_equal(p, g)
+
+
 def equivalent(pred: str, gold: str) -> bool:
     """The full comparison; run it under a time limit (eval.grading.is_equivalent does)."""
     try:
-        return trees_equal(parse_tree(pred), parse_tree(gold))
+        return trees_equal(parse_tree(pred), parse_tree(gold)) or relations_equal(pred, gold)
     except RecursionError:  # nesting deeper than the interpreter's stack: not a sensible answer
         return False

@@ -25,6 +25,7 @@ DEFAULT_TIMEOUT_S = 5.0
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BARE_BOX_RE = re.compile(r"\s+([^\s$]+)")
+_BRACE_RE = re.compile(r"(?<!\\)[{}]")
 _CHOICE_RE = re.compile(r"^\(?([A-J])\)?(?:$|[.:)\s])")
 # Option letters standing alone, and the words that join them in a hedge ("A or B", "(A), (C)").
 _LETTER_TOKEN_RE = re.compile(r"(?<![A-Za-z\\])\(?([A-J])\)?(?![A-Za-z])")
@@ -37,17 +38,15 @@ _pool: WorkerPool | None = None
 _pool_lock = threading.Lock()
 
 
-def _brace_partners(text: str) -> dict[int, int]:
-    r"""Opening-brace index -> its closing index, in one pass (escaped `\{`, `\}` skipped)."""
-    partners, stack = {}, []
-    for i, c in enumerate(text):
-        if c in "{}" and i > 0 and text[i - 1] == "\\":
-            continue
-        if c == "{":
-            stack.append(i)
-        elif c == "}" and stack:
-            partners[stack.pop()] = i
-    return partners
+def _closing_brace(text: str, start: int, limit: int) -> int | None:
+    r"""The index of the `}` closing the `{` at `start` (escaped `\{`, `\}` skipped), or None when it
+    is still open at `limit`. Only the box's own content is read, not the whole output."""
+    depth = 0
+    for m in _BRACE_RE.finditer(text, start, limit):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return m.start()
+    return None
 
 
 def extract_answer(text: str) -> str | None:
@@ -56,14 +55,17 @@ def extract_answer(text: str) -> str | None:
     length limit) and an empty box are not answers."""
     if not isinstance(text, str):
         raise TypeError(f"extract_answer expects the model's output text (str), got {type(text).__name__}")
-    partners = None
+    # A `{` still open at `open_at` never closes, and neither does any box that contains it: each
+    # earlier box is read only up to there, so a run of unclosed boxes costs linear time.
+    open_at = len(text)
     for m in reversed(list(_BOX_RE.finditer(text))):
         j = m.end()
         while j < len(text) and text[j] == " ":
             j += 1
         if j < len(text) and text[j] == "{":
-            partners = _brace_partners(text) if partners is None else partners
-            end = partners.get(j)
+            end = _closing_brace(text, j, open_at)
+            if end is None:
+                open_at = j
             content = text[j + 1:end].strip() if end is not None else ""
         else:
             bare = _BARE_BOX_RE.match(text, m.end())

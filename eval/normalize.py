@@ -9,6 +9,7 @@ time limit. Two levels of canonical form:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,7 +25,7 @@ _UNICODE = {
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 
 # Commands that only change how text looks: `\text{x}` -> `x`.
-_WRAPPERS = ("text", "textbf", "textit", "textrm", "texttt", "mathrm", "mathbf", "mathit", "mathsf", "mathtt",
+_WRAPPERS = ("text", "textnormal", "textbf", "textit", "textrm", "texttt", "textsf", "mathrm", "mathbf", "mathit", "mathsf", "mathtt",
              "mbox", "hbox", "operatorname", "boldsymbol", "bm", "displaystyle", "textstyle", "emph")
 _WRAPPER_RE = re.compile(r"\\(?:%s)\s*\{" % "|".join(_WRAPPERS))
 
@@ -65,7 +66,9 @@ _POWER_RE = re.compile(r"\s*\^\s*\{?\s*[23]\s*\}?")
 _UNIT_TAIL_RE = re.compile(r"(?<=[\d)])\s*(?:%s)(?:\s*\^\s*\{?[23]\}?)?\s*$" % "|".join(
     re.escape(u) for u in _UNITS if len(u) >= 2 and u != "in"))
 # `x =`, `f(x) =`, `a_{n} =`, `\theta =`, `x \approx` at the start (not `<=`, `==`).
-_LHS_RE = re.compile(r"^\s*(?:\\?[a-zA-Z]+(?:_\{?[\w]+\}?)?(?:\([a-zA-Z, ]*\))?)\s*(?:=(?!=)|\\approx)\s*")
+_NAME = r"\\?[a-zA-Z]+(?:_\{?[\w]+\}?)?(?:\([a-zA-Z, ]*\))?"
+_LHS_RE = re.compile(r"^\s*(?:%s)\s*(?:=(?!=)|\\approx)\s*" % _NAME)
+_NAME_RE = re.compile(r"\s*%s\s*" % _NAME)
 # A word that says "the answer is" before the answer itself.
 _ANSWER_IS_RE = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
 
@@ -109,8 +112,15 @@ def strip_math_delimiters(s: str) -> str:
     return s
 
 
-def normalize(s: str) -> str:
-    r"""Clean an answer for comparison: delimiters, unicode, wrappers, spacing, degrees, units, `x =`."""
+def normalize(s: str, *, keep_lhs: bool = False) -> str:
+    r"""Clean an answer for comparison: delimiters, unicode, wrappers, spacing, degrees, units, `x =`
+    (`keep_lhs`: not `x =`, for comparing whole equations). Memoised: a grade normalises the same
+    strings several times, and the K samples of one problem share their gold."""
+    return _normalize(str(s), keep_lhs)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _normalize(s: str, keep_lhs: bool) -> str:
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group()], str(s))
     s = strip_math_delimiters(s.replace("\n", " "))
     s = s.replace("\\$", " ").replace("$", " ")
@@ -132,7 +142,10 @@ def normalize(s: str) -> str:
     while previous != s:  # "5 \text{ cm}^2", "10 dollars", "90^\circ" -> the number
         previous = s
         s = _UNIT_TAIL_RE.sub("", s).strip()
-    if s.count("=") + s.count("\\approx") == 1:
+    head, approx, _ = s.partition("\\approx")
+    if approx and head.strip() and not _NAME_RE.fullmatch(head):
+        s = head.strip()  # `x = \frac{1}{3} \approx 0.33`: the exact value is the answer, not its rounding
+    if s.count("=") + s.count("\\approx") == 1 and not keep_lhs:
         s = _LHS_RE.sub("", s)
     return _BASE_RE.sub(r"\1", s.strip())
 

@@ -7,6 +7,7 @@ here (parsing_timeout=None, timeout_seconds=None) and the worker's deadline boun
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from fractions import Fraction
@@ -15,9 +16,10 @@ from latex2sympy2_extended.math_normalization import NormalizationConfig
 from math_verify import parse, verify
 from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
 from sympy import Basic, Expr, Float, Rational, simplify
-from sympy.core.relational import Equality
+from sympy.core.relational import Equality, Relational
 
 from eval.equivalence import REL_TOL
+from eval.relations import same_relation
 
 # Parse the whole string as one expression: no \boxed search, no "first number in the text", and
 # no unit stripping (eval/normalize.py owns units: math-verify's list would turn `-3 m` into -3).
@@ -31,7 +33,14 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def _parse(s: str) -> list:
-    return parse(f"${s}$", extraction_config=_CONFIG, parsing_timeout=None)
+    """math-verify's parse, memoised: a worker sees the same gold for every sample of a problem,
+    and parsing (an ANTLR grammar) is half the cost of a symbolic comparison."""
+    return list(_parse_cached(s))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(s: str) -> tuple:
+    return tuple(parse(f"${s}$", extraction_config=_CONFIG, parsing_timeout=None))
 
 
 def _real_value(expr: Basic) -> Fraction | None:
@@ -42,16 +51,6 @@ def _real_value(expr: Basic) -> Fraction | None:
     if not value.is_real or not value.is_finite:
         return None
     return Fraction(str(value))
-
-
-def _same_equation(pred: Basic, gold: Basic) -> bool:
-    """The same equation as written: lhs - rhs equal, or the two sides swapped. Not merely the
-    same solution set: 20x - 28y + 44z + 16 = 0 is not an answer to "in the form Ax + By + Cz + D
-    = 0 with gcd 1", which math-verify's proportional comparison would accept."""
-    if not (isinstance(pred, Equality) and isinstance(gold, Equality)):
-        return False
-    same = simplify((pred.lhs - pred.rhs) - (gold.lhs - gold.rhs)) == 0
-    return bool(same or (simplify(pred.lhs - gold.rhs) == 0 and simplify(pred.rhs - gold.lhs) == 0))
 
 
 # Agreement to this many significant digits sends two huge or tiny values to the exact check;
@@ -98,6 +97,15 @@ def _has_decimal(s: str) -> bool:
     return any(c == "." and (i + 1 < len(s) and s[i + 1].isdigit()) for i, c in enumerate(s))
 
 
+def relation_equal(pred: str, gold: str) -> bool:
+    """Two relations written out in full (`y = ...` kept), compared by eval/relations.py."""
+    try:
+        p, g = _parse(pred), _parse(gold)
+        return bool(p and g and isinstance(p[0], Relational) and isinstance(g[0], Relational) and same_relation(p[0], g[0]))
+    except Exception:  # noqa: BLE001 - sympy raises many kinds on odd input: "not shown equal"
+        return False
+
+
 def symbolic_equal(pred: str, gold: str) -> bool:
     """math-verify's symbolic/numeric equality; and, when one side is a rounded decimal and the
     gold is not an integer, the values within a relative 1e-4."""
@@ -109,9 +117,11 @@ def symbolic_equal(pred: str, gold: str) -> bool:
         if exact is not None:
             return exact
         if isinstance(p[0], Equality) or isinstance(g[0], Equality):
-            return _same_equation(p[0], g[0])
+            return same_relation(p[0], g[0])  # never math-verify's: it accepts any rescaled equation
         if verify(g, p, timeout_seconds=None, strict=True):
             return True
+        if isinstance(p[0], Relational) and isinstance(g[0], Relational):
+            return same_relation(p[0], g[0])
     except Exception:  # noqa: BLE001 - sympy raises many kinds on odd input: "not shown equal"
         return False
     if not (_has_decimal(pred) or _has_decimal(gold)):

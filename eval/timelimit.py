@@ -137,13 +137,19 @@ class _Worker:
 
 
 class WorkerPool:
-    """Reusable time-limited workers; safe to call from many threads at once (one worker each)."""
+    """Reusable time-limited workers; safe to call from many threads at once. At most `max_workers`
+    (default: the CPU count) exist: a thread that finds them all busy waits for one rather than
+    starting another, since a start costs seconds of imports and extra workers only share the
+    same cores. The wait does not count against a call's limit."""
 
-    def __init__(self, preload: tuple[str, ...] = (), max_idle: int | None = None):
+    def __init__(self, preload: tuple[str, ...] = (), max_workers: int | None = None):
         self.preload = tuple(preload)
-        self.max_idle = max_idle or os.cpu_count() or 2
+        self.max_workers = max_workers or os.cpu_count() or 2
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
+        self._slots = threading.Semaphore(self.max_workers)
         atexit.register(self.close)
 
     def _take(self) -> _Worker:
@@ -154,28 +160,26 @@ class WorkerPool:
 
     def _put(self, worker: _Worker) -> None:
         with self._lock:
-            if len(self._idle) < self.max_idle:
-                self._idle.append(worker)
-                return
-        worker.kill()
+            self._idle.append(worker)
 
     def call(self, fn: Callable, args: tuple, timeout_s: float) -> Any:
         """fn(*args) in a worker, or TimeLimitExceeded / WorkerCrashed / WorkerError. `fn` must be
         a module-level function (the worker imports it by name); args and result must be JSON."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        worker = self._take()
-        try:
-            result = worker.call(fn, args, timeout_s)
-        except (TimeLimitExceeded, WorkerCrashed):
-            worker.kill()
-            self._put(_Worker(self.preload))  # a spare, starting now, for the next call
-            raise
-        except BaseException:
-            worker.kill()
-            raise
-        self._put(worker)
-        return result
+        with self._slots:
+            worker = self._take()
+            try:
+                result = worker.call(fn, args, timeout_s)
+            except (TimeLimitExceeded, WorkerCrashed):
+                worker.kill()
+                self._put(_Worker(self.preload))  # a spare, starting now, for the next call
+                raise
+            except BaseException:
+                worker.kill()
+                raise
+            self._put(worker)
+            return result
 
     def close(self) -> None:
         with self._lock:

@@ -140,6 +140,48 @@ NOT_EQUIVALENT = [
 ]
 
 
+# Answers that are relations, not values (eval/relations.py), and the forms around them.
+RELATIONS_EQUIVALENT = [
+    ("2x+4y-3=0", r"y=-\frac{1}{2}x+\frac{3}{4}"),          # a line solved for y: any rescaling
+    (r"y=-\frac{1}{2}x+\frac{3}{4}", "2x+4y-3=0"),
+    ("34x+45y-20z+100=0", "-34x-45y+20z-100=0"),            # every term negated
+    ("x + 2y = 4", "4 = 2y + x"),                           # sides swapped
+    ("x<1", "-x>-1"),
+    ("-x>-1", "x<1"),
+    ("2x < 2", "x < 1"),                                     # an inequality scaled by c > 0
+    (r"a \geq 3", r"-2a \leq -6"),
+    (r"-2 \le x \le 7", r"x \in [-2,7]"),
+    (r"-2 \le x \le 7", "[-2,7]"),
+    ("k<-5", r"(-\infty,-5)"),
+    (r"x=\frac{1}{3}\approx 0.33", r"\frac{1}{3}"),          # a chain is judged by its exact value
+    (r"\frac{1}{3} \approx 0.333", r"\frac{1}{3}"),
+    (r"5\textnormal{ cm}", "5"),                              # \textnormal and \mbox unwrap like \text
+    (r"5\textnormal{cm}^2", "5"),
+    (r"5 \mbox{ cm}", "5"),
+]
+
+RELATIONS_NOT_EQUIVALENT = [
+    ("20x - 28y + 44z + 16 = 0", "5x - 7y + 11z + 4 = 0"),   # both integer forms: the scale is the answer
+    ("2y = 4x + 6", "y = 2x + 3"),
+    ("x<1", "x>1"),
+    ("x < 1", r"x \leq 1"),
+    ("-2x < 2", "x < -1"),                                   # c < 0 flips an inequality
+    ("2x+4y-3=0", "2x+4y+3=0"),
+    (r"x=\frac{1}{3}\approx 0.33", "0.33"),                  # the rounding is not the answer
+]
+
+
+@pytest.mark.parametrize("pred, gold", RELATIONS_EQUIVALENT)
+def test_relations_equivalent(pred, gold):
+    assert is_equivalent(pred, gold) is True
+
+
+@pytest.mark.parametrize("pred, gold", RELATIONS_NOT_EQUIVALENT)
+def test_relations_not_equivalent(pred, gold):
+    assert is_equivalent(pred, gold) is False
+    assert is_equivalent(gold, pred) is False
+
+
 @pytest.mark.parametrize("pred, gold", EQUIVALENT)
 def test_equivalent(pred, gold):
     assert is_equivalent(pred, gold) is True
@@ -285,6 +327,29 @@ def test_worker_failures_raise_instead_of_grading_false():
         pool.call(load_benchmark, ("nope",), 5.0)
     assert pool.call(equivalent, ("x^2", "x*x"), 30.0) is True
     pool.close()
+
+
+def test_pool_bounds_its_workers_and_a_wait_is_not_charged(monkeypatch):
+    """More threads than workers: they queue for the one worker instead of starting more (a start
+    costs seconds of imports), and the time spent queueing does not count against the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eval import timelimit
+
+    started = []
+    real = timelimit._Worker
+
+    class Counted(real):
+        def __init__(self, preload):
+            started.append(preload)
+            super().__init__(preload)
+
+    monkeypatch.setattr(timelimit, "_Worker", Counted)
+    pool = timelimit.WorkerPool(max_workers=1)
+    with ThreadPoolExecutor(3) as threads:
+        results = list(threads.map(lambda _: pool.call(time.sleep, (0.6,), 1.0), range(3)))
+    pool.close()
+    assert results == [None, None, None] and len(started) == 1
 
 
 def test_many_threads_grade_at_once():

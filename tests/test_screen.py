@@ -1,0 +1,59 @@
+"""eval.screen: the float screen that rejects clearly different leaves before sympy.
+
+Its one promise: when it says "different", the symbolic comparison it skips says "not equal" too.
+Each case below is checked against eval.symbolic itself (run here without the time limit: every
+case is small), and the screen must decline whatever it cannot read exactly as latex2sympy does.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from eval.normalize import normalize
+from eval.screen import clearly_different
+
+DIFFERENT = [
+    (r"\sqrt{3}", "2"),
+    (r"70 + 10\sqrt{13}", r"70 \sqrt{2}"),
+    ("4n^2", "8n^2 + 4n + 1"),
+    (r"\frac{1}{2n}", r"\frac{1}{2 n+2}"),
+    ("1/2n", r"\frac{n}{2}"),                    # juxtaposition binds tighter than /, as in latex2sympy
+    (r"54 + 18\pi", r"18+2\pi"),
+    (r"\lfloor \frac{n^2}{2} \rfloor", r"\lfloor\frac{n^2}{2}\rfloor + 1"),
+    (r"\frac{a_1^9}{(2a_1 - 1)^9}", "-1"),
+    (r"\frac{2 - 3\omega + \omega^{-1994}}{2(1 - \omega)(1 - \omega^2)}", r"\frac{1997}{2}"),  # sympy: past 5 s
+    (r"\sqrt[3]{2} \cdot 3", "4"),
+    ("0.3333", r"\frac{1}{3} + 0.01"),
+]
+
+NOT_SHOWN_DIFFERENT = [
+    ("x^2", "x x"),                              # equal
+    ("1/2n", r"\frac{1}{2n}"),
+    ("0.33333", r"\frac{1}{3}"),                 # within the protocol's tolerance: sympy decides
+    ("0.1234561", "0.1234569"),                  # math-verify rounds decimals to 6 places
+    ("i^2", "-1"),                               # i, e, j, E, I: left to sympy
+    (r"e^{2}", "7.389"),
+    ("f(x)", "5"),                               # function or product: the parser's choice
+    ("2 3", "6"),                                # latex2sympy reads `2 3` as 5
+    ("2^{2022}", "-1"),                          # past a double
+    (r"x^{-2000} + 1", "1"),                     # an underflowed term is no evidence
+    (r"\log 2", "1"),                            # functions are not in the subset
+    ("5!", "120"),
+    (r"50\%", "0.5"),
+    ("x = 1", "1"),
+]
+
+
+@pytest.mark.parametrize("pred, gold", DIFFERENT)
+def test_screen_rejects_clearly_different_and_sympy_agrees(pred, gold):
+    from eval.symbolic import symbolic_equal
+
+    p, g = normalize(pred), normalize(gold)
+    assert clearly_different(p, g) and clearly_different(g, p)
+    if "omega" not in pred:  # the one sympy cannot finish within the grader's limit
+        assert symbolic_equal(p, g) is False
+
+
+@pytest.mark.parametrize("pred, gold", NOT_SHOWN_DIFFERENT)
+def test_screen_declines_what_it_cannot_settle(pred, gold):
+    assert clearly_different(normalize(pred), normalize(gold)) is False
