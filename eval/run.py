@@ -67,10 +67,18 @@ def grade_completion(problem: Problem, completion: Completion, *, timeout_s: flo
         return pred, False
 
 
+def _has_results(out_dir: Path) -> bool:
+    """Whether the folder holds a finished sample (a run killed before its first flush holds none)."""
+    return any(f.stat().st_size > 0 for f in out_dir.glob("*.jsonl"))
+
+
 def _check_config(out_dir: Path, config: dict) -> None:
-    """A resumed run must sample the same way as the run it continues; new benchmarks may join."""
+    """A resumed run must sample the same way as the run it continues; new benchmarks may join.
+    A folder without a finished sample holds nothing to keep consistent: its settings are replaced."""
     path = out_dir / "config.json"
-    if path.exists():
+    if path.exists() and not _has_results(out_dir):
+        log.info("%s: no finished samples there; its settings are replaced by this run's", path)
+    elif path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("model") and config.get("model") and old["model"] != config["model"]:
             raise ValueError(f"{path}: the results there come from another model (fingerprint {old['model']}, this one "
@@ -198,7 +206,7 @@ def build_generator(args: argparse.Namespace) -> Any:
         return TransformersGenerator(args.model, dtype=args.dtype, device=args.device)
     from eval.sampler import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib,
                max_model_len=args.max_model_len or context_len(args.model, args.max_tokens))
 
 
@@ -219,16 +227,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="only the first N problems of each benchmark (smoke runs)")
     p.add_argument("--engine", choices=("sampler", "transformers"), default="sampler",
                    help="our paged-KV sampler (default), or transformers' generate (slow reference, small models)")
-    p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16)")
-    p.add_argument("--device", default="cuda", help="(default cuda)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="model dtype (default bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="(default cuda when a GPU is visible, else cpu)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sampler: sequences decoded together (default 256)")
+    p.add_argument("--kv-cache-gib", type=float,
+                   help="sampler: KV cache budget in GiB (default: 90%% of a GPU's free memory; 4 GiB on a CPU)")
     p.add_argument("--max-model-len", type=int,
                    help="sampler: prompt + output tokens (default max-tokens + 4096, at most the model's max_position_embeddings)")
     p.add_argument("--batch-size", type=int, default=512, help="samples per generate call and per results flush (default 512)")
     p.add_argument("--regrade", action="store_true", help="re-grade outputs already on disk with the current grader")
     args = p.parse_args(argv)
+    import torch
 
-    benchmarks = parse_benchmarks(args.benchmarks, args.data, args.limit)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    try:  # what the user named: one line each, not a traceback
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no CUDA device is visible (this torch build: "
+                             f"{torch.__version__}); use --device cpu")
+        if not (Path(args.model) / "config.json").is_file():
+            raise ValueError(f"--model {args.model}: no such model folder (it needs config.json, safetensors and a tokenizer)")
+        benchmarks = parse_benchmarks(args.benchmarks, args.data, args.limit)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
     fingerprint = model_fingerprint(args.model)
     folder = Path(args.model).resolve()
     name = folder.parent.name if folder.name == "hf" else folder.name  # train.py exports to <output_dir>/hf

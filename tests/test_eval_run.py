@@ -285,3 +285,60 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text()) == summary
     assert "0 to generate" in capsys.readouterr().out
+
+
+def test_a_folder_without_finished_samples_is_not_a_lock(tmp_path):
+    """An interrupted first run leaves config.json and nothing else: a later run with other
+    settings takes the folder over instead of being refused."""
+    bench = _bench()
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        evaluate(FakeGenerator(bench, fail_after=0), [bench], tmp_path, max_tokens=32768, verbose=False)
+    assert (tmp_path / "config.json").is_file() and not any(f.stat().st_size for f in tmp_path.glob("*.jsonl"))
+    evaluate(FakeGenerator(bench), [bench], tmp_path, max_tokens=512, verbose=False)
+    assert json.loads((tmp_path / "config.json").read_text())["max_tokens"] == 512
+    with pytest.raises(ValueError, match="max_tokens=64 .* made with 512"):  # now it holds results: they are kept consistent
+        evaluate(FakeGenerator(bench), [bench], tmp_path, max_tokens=64, verbose=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent"], "--model /nonexistent: no such model folder"),
+    (["--benchmarks", "aime25"], "unknown benchmark 'aime25'; known: aime24"),
+    (["--device", "cuda"], "--device cuda, but no CUDA device is visible"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, capsys, argv, message):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is no mistake here")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    base = {"--model": str(model), "--benchmarks": "aime24"}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    assert main([x for kv in base.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp_path):
+    """On a CPU the cache is sized from kv_cache_gib (default 4 GiB, as vLLM's CPU backend), never
+    from the RAM that happens to be free, and it is not touched until used."""
+    import torch
+
+    from engine.model import PRESETS, build_model
+    from engine.weights import save_pretrained
+    from eval.sampler import LLM
+    from eval.sampler.runner import CPU_KV_CACHE_GIB
+
+    torch.manual_seed(0)
+    model = build_model(PRESETS["tiny"], device="cpu")
+    model.init_weights()
+    save_pretrained(model, tmp_path / "tiny", dtype=torch.float32)
+    args = PRESETS["tiny"]
+    page = 2 * args.num_layers * 16 * args.num_kv_heads * args.head_dim * 4
+    big = LLM(tmp_path / "tiny", device="cpu", max_model_len=32768, max_num_seqs=256)
+    assert big.runner.num_blocks == int(CPU_KV_CACHE_GIB * 2**30 // page)  # the budget, not the free RAM
+    small = LLM(tmp_path / "tiny", device="cpu", max_model_len=32768, kv_cache_gib=0.01)
+    assert small.runner.num_blocks == int(0.01 * 2**30 // page)
+    with pytest.raises(ValueError, match="kv_cache_gib=0 must be > 0"):
+        LLM(tmp_path / "tiny", device="cpu", kv_cache_gib=0)

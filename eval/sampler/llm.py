@@ -80,7 +80,9 @@ class LLM:
 
     dtype: "bfloat16" | "float16" | "float32" | "float64" or a torch dtype (None: bf16 on CUDA,
     float32 on CPU). num_blocks: KV pages of block_size tokens (None: sized from
-    memory_fraction of the device's memory). max_model_len (None, and at most: the config's
+    memory_fraction of a GPU's memory; on a CPU from kv_cache_gib, an explicit budget that
+    defaults to CPU_KV_CACHE_GIB, as vLLM's CPU backend does, never from the RAM that happens to
+    be free). max_model_len (None, and at most: the config's
     max_position_embeddings) bounds prompt + output: as in vLLM, a sample that reaches it ends
     with finish_reason "length" before max_tokens; max_num_batched_tokens (None:
     max_model_len) bounds one prefill step. tokenizer: a folder to load the tokenizer from when
@@ -98,6 +100,7 @@ class LLM:
         max_model_len: int | None = None,
         max_num_batched_tokens: int | None = None,
         memory_fraction: float = 0.9,
+        kv_cache_gib: float | None = None,
         cuda_graphs: bool = True,
         tokenizer: str | os.PathLike | None = None,
     ):
@@ -111,6 +114,8 @@ class LLM:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
         if not 0 < memory_fraction <= 1:
             raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
+        if kv_cache_gib is not None and not kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0")
         self.model = load_pretrained(model_dir, dtype=self.dtype, device=self.device).eval()
         self.tokenizer = _load_tokenizer(Path(tokenizer) if tokenizer is not None else model_dir)
         if tokenizer is not None and self.tokenizer is None:
@@ -127,7 +132,8 @@ class LLM:
                              "sequence is recomputed in one prefill, so it must fit one step")
         self.runner = ModelRunner(
             self.model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, cuda_graphs=cuda_graphs,
+            max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
+            cuda_graphs=cuda_graphs,
         )  # fmt: skip
         self.block_manager = BlockManager(self.runner.num_blocks, block_size)
         self.stop_checker = StopChecker(self.eos_token_ids, self.tokenizer)

@@ -15,7 +15,6 @@ host sync of a step is reading the sampled ids.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,8 @@ from eval.sampler.sequence import Sequence
 from kernels.paged_attention import paged_attention, split_plan, store_kv
 
 log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GIB = 4.0  # a CPU's default KV budget (vLLM's CPU backend: VLLM_CPU_KVCACHE_SPACE=4)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ModelRunner:
         max_model_len: int,
         max_num_batched_tokens: int,
         memory_fraction: float = 0.9,
+        kv_cache_gib: float | None = None,
         cuda_graphs: bool = True,
     ):
         self.model = model
@@ -85,9 +87,11 @@ class ModelRunner:
         self.sampler = Sampler(args.vocab_size, self.device)
         page_bytes = 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * self.dtype.itemsize
         if num_blocks is None:
-            num_blocks = self._plan_blocks(page_bytes, max_num_batched_tokens, memory_fraction)
+            num_blocks = self._plan_blocks(page_bytes, max_num_batched_tokens, memory_fraction, kv_cache_gib)
         self.num_blocks = num_blocks
-        self.kv_cache = torch.zeros(2, args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim,
+        # Uninitialised: a slot is written before it is read (the attention masks everything past a
+        # sequence's context, whatever it holds), and on a CPU untouched pages then cost no RAM.
+        self.kv_cache = torch.empty(2, args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim,
                                     dtype=self.dtype, device=self.device)  # fmt: skip
         log.info("KV cache: %d pages of %d tokens (%.2f GiB)", num_blocks, block_size, num_blocks * page_bytes / 2**30)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -101,15 +105,19 @@ class ModelRunner:
     # -- memory ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _plan_blocks(self, page_bytes: int, max_num_batched_tokens: int, fraction: float) -> int:
-        """Pages that fit in `fraction` of the memory left after the weights and a worst-case step.
+    def _plan_blocks(self, page_bytes: int, max_num_batched_tokens: int, fraction: float, budget_gib: float | None) -> int:
+        """Pages that fit the budget: `budget_gib` when given; else, on CUDA, `fraction` of the
+        memory left after the weights and a worst-case step; on a CPU, CPU_KV_CACHE_GIB.
 
         On CUDA the worst step is measured: a full prefill and a full sampling pass, then the
-        peak allocation above the weights is kept free. On CPU it is a fraction of the memory
-        the OS reports available. Never more than max_num_seqs full-length sequences can use.
+        peak allocation above the weights is kept free. A CPU's RAM is shared with everything
+        else on the host, so it gets an explicit, modest budget instead of whatever is free.
+        Never more than max_num_seqs full-length sequences can use.
         """
         most = self.max_num_seqs * self.max_blocks_per_seq
-        if self.device.type == "cuda":
+        if budget_gib is not None:
+            budget = budget_gib * 2**30
+        elif self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
@@ -129,15 +137,11 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * fraction - (total - free) - peak
         else:
-            try:
-                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            except (ValueError, OSError) as e:
-                raise RuntimeError(f"cannot read the available memory on this OS ({e}): pass num_blocks") from None
-            budget = available * fraction
+            budget = CPU_KV_CACHE_GIB * 2**30
         num_blocks = min(int(budget // page_bytes), most)
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB, a page is {page_bytes} bytes): "
-                               "lower max_num_batched_tokens or raise memory_fraction")
+                               "lower max_num_batched_tokens, or raise memory_fraction (GPU) or kv_cache_gib")
         return num_blocks
 
     # -- inputs -----------------------------------------------------------------------------------
