@@ -66,7 +66,7 @@ def _runnable(norm, case: dict, mode: str, device: torch.device) -> Runnable:
 
 
 def ours(case, mode, device):
-    from kernels.rmsnorm import rmsnorm
+    from kernels.norm import rmsnorm
 
     return _runnable(lambda x, w, r: rmsnorm(x, w, EPS, residual=r), case, mode, device)
 

@@ -21,7 +21,8 @@ well, but it has no z-loss, accumulates dweight in the input's dtype and is abse
 torch 2.11 our GPU machines run, so it cannot serve this contract.
 
 Layout (STYLE.md): @triton.jit kernel (and its torch twin) -> host `linear_cross_entropy_fwd` ->
-`LinearCrossEntropyFunction` -> the public `fused_linear_cross_entropy`.
+the torch.library op `limo::linear_cross_entropy` (fake implementation, autograd) -> the public
+`fused_linear_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
+from kernels.dispatch import shapes_only
 from kernels.triton_common import cast, interpreting
 
 LOGITS_BUDGET_BYTES = 1 << 30  # the chunk's logits buffer on a GPU; C is the largest multiple of 256 tokens under it
@@ -137,9 +139,12 @@ def chunk_tokens(n_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: in
     return max(1, min(n_tokens, max(256, budget // per_token // 256 * 256)))
 
 
-def _tiles(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_T rows per program, BLOCK_V columns per step, num_warps)."""
-    if interpreting():
+def _tiles(n_cols: int, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_T rows per program, BLOCK_V columns per step, num_warps), for the GPU or (`interp`) the interpreter.
+
+    kernels/compile_check.py compiles every GPU tile this gives for the vocabularies we ship.
+    """
+    if interp:
         block_v = min(triton.next_power_of_2(n_cols), _INTERPRETER_TILE)
         return max(1, _INTERPRETER_TILE // block_v), block_v, 1
     return 1, min(triton.next_power_of_2(n_cols), 4096), 8
@@ -188,12 +193,9 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ig
         raise ValueError(f"fused_linear_cross_entropy: hidden {hidden.device}, weight {weight.device}, targets {targets.device} differ")
     if backend not in BACKENDS:
         raise ValueError(f"fused_linear_cross_entropy: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and hidden.device.type != "cuda" and not (hidden.device.type == "cpu" and interpreting()):
-        raise RuntimeError(
-            f"fused_linear_cross_entropy (Triton): tensors are on {hidden.device}; Triton runs CUDA tensors, or CPU "
-            "tensors only under TRITON_INTERPRET=1 set before `kernels` is imported (or choose KERNELS_BACKEND=torch)"
-        )
-    if targets.device.type == "cpu":  # free on CPU; on CUDA the kernel gives such tokens a NaN loss instead of syncing
+    if targets.device.type == "cpu" and not shapes_only(targets):
+        # Free on CPU; on CUDA the kernel gives such tokens a NaN loss instead of syncing. Fake
+        # tensors and torch.compile traces have no values to check.
         vocab = weight.shape[0]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bad.any():
@@ -217,6 +219,11 @@ def linear_cross_entropy_fwd(
     summed loss. A gradient not asked for is None and its matmul is skipped. `backend` picks
     the per-chunk step: the Triton kernel or its torch twin.
     """
+    if backend == "triton" and hidden.device.type != "cuda" and not (hidden.device.type == "cpu" and interpreting()):
+        raise RuntimeError(
+            f"fused_linear_cross_entropy (Triton): tensors are on {hidden.device}; Triton runs CUDA tensors, or CPU "
+            "tensors only under TRITON_INTERPRET=1 set before `kernels` is imported (or choose KERNELS_BACKEND=torch)"
+        )
     n_tokens, _ = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -229,7 +236,7 @@ def linear_cross_entropy_fwd(
     dhidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_dhidden else None
     dweight = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_dweight else None
     logits = torch.empty(min(chunk, n_tokens), vocab, dtype=hidden.dtype, device=hidden.device)  # [C, V], reused
-    block_t, block_v, warps = _tiles(vocab)
+    block_t, block_v, warps = _tiles(vocab, interpreting())
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         h = hidden[start:end]  # [n, H]
@@ -251,39 +258,93 @@ def linear_cross_entropy_fwd(
     return losses, dhidden, dweight
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_size, backend):
-        losses, dhidden, dweight = linear_cross_entropy_fwd(
-            hidden, weight, targets, ignore_index, z_loss,
-            need_dhidden=ctx.needs_input_grad[0], need_dweight=ctx.needs_input_grad[1], chunk_size=chunk_size, backend=backend,
-        )
-        total = losses.sum()
-        scale = None
-        if reduction == "mean":
-            scale = 1.0 / (targets != ignore_index).sum().clamp(min=1).to(losses.dtype)  # on device: no sync
-            total = total * scale
-        ctx.grads = (dhidden, dweight, scale)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return total
+# ---------------------------------------------------------------------------------------------
+# The torch.library op: what torch.compile traces through and FakeTensorMode runs. The forward
+# computes the gradients too, so the op returns them (fp32, unscaled) beside the loss; autograd
+# keeps them on its context and backward only scales and casts them, once. A gradient not
+# asked for comes back empty ([0]): an op's outputs are fixed.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_total):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_linear_cross_entropy: backward ran twice through one forward; its gradients are computed in the "
-                "forward and handed over once (run the forward again instead of retain_graph=True)"
-            )
-        dhidden, dweight, scale = ctx.grads
-        ctx.grads = None  # free the fp32 buffers as soon as the cast copies exist
-        g = grad_total.to(dhidden.dtype if dhidden is not None else dweight.dtype)
-        if scale is not None:
-            g = g * scale
-        grad_hidden = dhidden.mul_(g).to(ctx.dtypes[0]) if dhidden is not None else None
-        del dhidden
-        grad_weight = dweight.mul_(g).to(ctx.dtypes[1]) if dweight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+@torch.library.custom_op("limo::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    z_loss: float,
+    chunk_size: int | None,
+    backend: str,
+    need_dhidden: bool,
+    need_dweight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss [] summed or averaged, dhidden [T, H] or [0], dweight [V, H] or [0]), fp32 (fp64 for fp64 inputs)."""
+    losses, dhidden, dweight = linear_cross_entropy_fwd(
+        hidden, weight, targets, ignore_index, z_loss, need_dhidden, need_dweight, chunk_size, backend
+    )
+    total = losses.sum()
+    if reduction == "mean":
+        total = total / _supervised(targets, ignore_index).to(total.dtype)
+    empty = losses.new_empty(0)
+    return total, dhidden if dhidden is not None else empty, dweight if dweight is not None else empty.clone()
+
+
+@_linear_cross_entropy_op.register_fake
+def _linear_cross_entropy_fake(hidden, weight, targets, ignore_index, reduction, z_loss, chunk_size, backend, need_dhidden, need_dweight):
+    acc = _acc_dtype(hidden.dtype)
+    dhidden = hidden.new_empty(hidden.shape if need_dhidden else (0,), dtype=acc)
+    dweight = hidden.new_empty(weight.shape if need_dweight else (0,), dtype=acc)
+    return hidden.new_empty((), dtype=acc), dhidden, dweight
+
+
+def _supervised(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """max(#supervised tokens, 1), on the device: the "mean" divisor, without a host sync."""
+    return (targets != ignore_index).sum().clamp(min=1)
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, targets, ignore_index, reduction = inputs[:5]
+    need_dhidden, need_dweight = inputs[-2:]
+    _, dhidden, dweight = output
+    ctx.mark_non_differentiable(dhidden, dweight)
+    ctx.grads = (dhidden if need_dhidden else None, dweight if need_dweight else None)
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+    ctx.mean = (targets, ignore_index) if reduction == "mean" else None
+
+
+def _scaled(grad: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad * g in `dtype`, in one pass: the product is rounded once, straight into the new tensor."""
+    return torch.mul(grad, g, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+
+
+def _backward(ctx, grad_total, _dhidden, _dweight):
+    if ctx.grads is None:
+        raise RuntimeError(
+            "fused_linear_cross_entropy: backward ran twice through one forward; its gradients are computed in the "
+            "forward and handed over once (run the forward again instead of retain_graph=True)"
+        )
+    dhidden, dweight = ctx.grads
+    ctx.grads = None  # free the fp32 buffers as soon as the cast copies exist
+    if dhidden is None and dweight is None:
+        return (None,) * 10
+    g = grad_total.to(dhidden.dtype if dhidden is not None else dweight.dtype)
+    if ctx.mean is not None:
+        g = g / _supervised(*ctx.mean).to(g.dtype)
+    grad_hidden = _scaled(dhidden, g, ctx.dtypes[0]) if dhidden is not None else None
+    del dhidden
+    grad_weight = _scaled(dweight, g, ctx.dtypes[1]) if dweight is not None else None
+    return (grad_hidden, grad_weight) + (None,) * 8
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup)
+
+
+@register_flop_formula(torch.ops.limo.linear_cross_entropy)
+def _matmul_flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """For torch's FLOP counter, which sees an op whole: the logits' matmul and one per gradient asked for."""
+    (tokens, hidden), vocab = hidden_shape, weight_shape[0]
+    need_dhidden, need_dweight = args[-2:]
+    return 2 * tokens * hidden * vocab * (1 + need_dhidden + need_dweight)
 
 
 def fused_linear_cross_entropy(
@@ -305,10 +366,9 @@ def fused_linear_cross_entropy(
     a GPU). `backend` is "triton" (the kernel) or "torch" (the same chunks in torch ops).
     """
     _check(hidden, weight, targets, ignore_index, reduction, z_loss, backend)
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        losses, _, _ = linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, z_loss, False, False, chunk_size, backend)
-        total = losses.sum()
-        if reduction == "mean":
-            total = total / (targets != ignore_index).sum().clamp(min=1).to(total.dtype)
-        return total
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, float(z_loss), chunk_size, backend)
+    grad = torch.is_grad_enabled()
+    need_dhidden, need_dweight = grad and hidden.requires_grad, grad and weight.requires_grad
+    total, _, _ = _linear_cross_entropy_op(
+        hidden, weight, targets, ignore_index, reduction, float(z_loss), chunk_size, backend, need_dhidden, need_dweight
+    )
+    return total

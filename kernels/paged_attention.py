@@ -11,8 +11,9 @@ online softmax over its split's tokens. A short batch with long contexts has too
 KV head) pairs to fill the GPU, so the context is cut into splits (split-K) whose partial results
 (unnormalised output, running max, running sum) a second kernel merges.
 
-Inference only: there is no backward, so no autograd.Function layer. The torch references are
-at the end of kernels/reference.py.
+Inference only: there is no backward. The two launches are torch.library ops (`limo::store_kv`,
+which writes the caches in place, and `limo::paged_attention`) with fake implementations. The
+torch references are at the end of kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
 from kernels import reference
+from kernels.dispatch import kernel_backend
 from kernels.triton_common import cast, interpreting
 
 BLOCK_N = 64  # tokens per tile of the attention loop (any page size; each token finds its page)
@@ -35,8 +36,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    """The kernels package's backend for this tensor's device (Triton on CUDA or in the interpreter)."""
-    return kernels.backend(t.device.type) == "triton"
+    """Whether kernels/dispatch.py gives this tensor the Triton kernels (on CUDA, fake CUDA or in the interpreter)."""
+    return kernel_backend(t) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,16 +178,21 @@ def _check_int_vector(name: str, t: torch.Tensor, length: int) -> None:
         raise ValueError(f"{name} must be an int32/int64 vector of length {length}, got {t.dtype} {tuple(t.shape)}")
 
 
+def store_tiles(tokens: int, row: int) -> tuple[int, int]:
+    """(BLOCK_T tokens per program, BLOCK_R row elements per step): about 4096 elements per program."""
+    block_r = min(triton.next_power_of_2(row), 2048)
+    return min(triton.next_power_of_2(tokens), max(1, 4096 // block_r)), block_r
+
+
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Launch the store: a few tokens per program (about 4096 elements), rows of Hkv * D contiguous elements."""
+    """Launch the store: a few tokens per program, rows of Hkv * D contiguous elements."""
     T, Hkv, D = k.shape
     if k.stride(2) != 1 or k.stride(1) != D or v.stride(2) != 1 or v.stride(1) != D:
         raise ValueError(f"k and v must be contiguous within a token ([Hkv, D] rows); strides {k.stride()} and {v.stride()}")
     if T == 0:
         return
     row = Hkv * D
-    block_r = min(triton.next_power_of_2(row), 2048)
-    block_t = min(triton.next_power_of_2(T), max(1, 4096 // block_r))
+    block_t, block_r = store_tiles(T, row)
     _store_kv_kernel[(triton.cdiv(T, block_t),)](k, v, k_cache, v_cache, slot_mapping, T, k.stride(0), v.stride(0), row, block_t, block_r)
 
 
@@ -204,14 +210,28 @@ def split_plan(batch: int, kv_heads: int, max_context_len: int, device: torch.de
     The plan depends only on host ints, so it costs no sync and stays fixed inside a CUDA graph
     captured with max_context_len = max_model_len. partition is a multiple of BLOCK_N tokens.
     """
+    return split_plan_for(batch, kv_heads, max_context_len, _num_sms(device), num_splits)
+
+
+def split_plan_for(batch: int, kv_heads: int, max_context_len: int, sms: int, num_splits: int | None = None) -> tuple[int, int]:
+    """split_plan for a device of `sms` multiprocessors (kernels/compile_check.py plans for GPUs it does not have)."""
     tiles = max(1, triton.cdiv(max_context_len, BLOCK_N))
     if num_splits is None:
-        wanted = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
+        wanted = triton.cdiv(2 * sms, max(1, batch * kv_heads))
         num_splits = min(wanted, max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tiles_per_split = triton.cdiv(tiles, num_splits)
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
+
+
+def attention_consts(group: int, head_dim: int, page: int, splits: int, dtype: torch.dtype, interp: bool) -> dict:
+    """The decode kernel's constexprs for G query heads per KV head, a head dim, a page size, a split count and a dtype."""
+    return dict(
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page, BLOCK=BLOCK_N, SPLIT=splits > 1, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST=dtype == torch.bfloat16 and interp, INTERP=interp,
+    )
 
 
 def paged_attention_triton(
@@ -237,12 +257,7 @@ def paged_attention_triton(
     if B == 0:
         return out
     splits, partition = split_plan(B, Hkv, max_context_len, q.device, num_splits)
-    group = Hq // Hkv
-    consts = dict(
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)),
-        PAGE=page, BLOCK=BLOCK_N, SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and interpreting(), INTERP=interpreting(),
-    )
+    consts = attention_consts(Hq // Hkv, D, page, splits, q.dtype, interpreting())
     qk_scale = scale * math.log2(math.e)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     if splits == 1:
@@ -266,6 +281,39 @@ def paged_attention_triton(
 
 
 # ---------------------------------------------------------------------------------------------
+# torch.library ops: what torch.compile traces through and FakeTensorMode runs
+
+
+@torch.library.custom_op("limo::store_kv", mutates_args=("k_cache", "v_cache"))
+def _store_kv_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_store_kv_op.register_fake
+def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+@torch.library.custom_op("limo::paged_attention", mutates_args=())
+def _paged_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+    num_splits: int | None,
+) -> torch.Tensor:
+    return paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale, num_splits)
+
+
+@_paged_attention_op.register_fake
+def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale, num_splits):
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public functionals
 
 
@@ -283,7 +331,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                              f"{k.device}")
     _check_int_vector("slot_mapping", slot_mapping, k.shape[0])
     if _use_triton(k):
-        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        _store_kv_op(k, v, k_cache, v_cache, slot_mapping)
     else:
         reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
@@ -323,5 +371,5 @@ def paged_attention(
     _check_int_vector("context_lens", context_lens, B)
     scale = D**-0.5 if scale is None else scale
     if _use_triton(q):
-        return paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale, num_splits)
+        return _paged_attention_op(q, k_cache, v_cache, block_tables, context_lens, max_context_len, float(scale), num_splits)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

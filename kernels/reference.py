@@ -82,6 +82,33 @@ def varlen_attention(
     return out
 
 
+def varlen_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of varlen_attention's q, k, v for the output gradient `grad` [T, Hq, D].
+
+    Recomputes each sample's attention and takes its vector-Jacobian product with torch.func.vjp,
+    which works inside a torch.library op's implementation (autograd does not record there): the
+    same SDPA kernels and gradients as differentiating varlen_attention itself, one sample's
+    saved state alive at a time (O(L) on the CPU flash kernel), for one extra forward.
+    """
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def sample(qs, ks, vs):
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+
+    bounds = cu_seqlens.tolist()  # a host sync, like the forward's
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        inputs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, L, D]
+        _, vjp = torch.func.vjp(sample, *inputs)
+        grads = vjp(grad[start:end].transpose(0, 1)[None])
+        for out, g in zip((dq, dk, dv), grads):
+            out[start:end] = g[0].transpose(0, 1)
+    return dq, dk, dv
+
+
 # ---------------------------------------------------------------------------------------------
 # Paged KV cache (the sampler: kernels/paged_attention.py). Layout of one layer's cache:
 # [num_blocks, block_size, Hkv, D]; token i of a sequence sits at flat slot

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import attention, reference
+from kernels import attention, dispatch, reference
 from tests.conftest import rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-AVAILABLE = [b for b in attention.BACKENDS if attention._available(b, DEVICE) is None]
+AVAILABLE = [b for b in dispatch.ATTENTION_BACKENDS if dispatch.attention_unavailable(b, DEVICE.type) is None]
 HALF_ONLY = {"flash", "torch_varlen"}  # fused kernels take fp16/bf16 only
 
 # 37 tokens with an empty sample, a one-token sample and odd lengths.
@@ -52,9 +52,9 @@ def _qkv(seed, hq=6, hkv=2, d=16, dtype=torch.float64, lengths=LENGTHS):
 def backend(request, monkeypatch):
     """Force one backend for the test, through the same environment switch users have."""
     monkeypatch.setenv("ATTENTION_BACKEND", request.param)
-    attention.select_backend.cache_clear()
+    dispatch._attention.clear()
     yield request.param
-    attention.select_backend.cache_clear()
+    dispatch._attention.clear()
 
 
 @pytest.mark.parametrize("backend", AVAILABLE, indirect=True)
@@ -105,16 +105,19 @@ def test_bf16_reference_is_as_accurate_as_torch_bf16():
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset is Linux-only (CI runs Linux)")
-def test_reference_memory_is_linear_in_the_sample_length():
+@pytest.mark.parametrize("path", ["reference", "op"])
+def test_reference_memory_is_linear_in_the_sample_length(path):
     """One 4,096-token sample, 4 heads, forward and backward: the math path would keep 4 x 4096^2
-    fp32 scores (256 MiB, twice in backward); the CPU flash kernel the reference reaches keeps O(L)."""
+    fp32 scores (256 MiB, twice in backward); the CPU flash kernel the reference reaches keeps O(L),
+    and so does the op, whose backward recomputes one sample at a time (reference.varlen_attention_backward)."""
     g = torch.Generator().manual_seed(0)
     L = 4096
     q, k, v = (torch.randn(L, h, 32, generator=g).requires_grad_() for h in (4, 2, 2))
     cu = torch.tensor([0, L], dtype=torch.int32)
+    fn = reference.varlen_attention if path == "reference" else attention._reference_op
     Path("/proc/self/clear_refs").write_text("5")  # reset this process's peak RSS (VmHWM)
     before = _rss_mib("VmRSS")
-    reference.varlen_attention(q, k, v, cu).sum().backward()
+    fn(q, k, v, cu, None).sum().backward()
     grown = _rss_mib("VmHWM") - before
     assert grown < 64, f"{grown:.0f} MiB for one 4k-token sample: L x L scores were kept"
 
@@ -172,49 +175,48 @@ def test_mixed_dtypes_are_named():
 @pytest.fixture
 def fresh_selection(monkeypatch):
     monkeypatch.delenv("ATTENTION_BACKEND", raising=False)
-    attention.select_backend.cache_clear()
+    dispatch._attention.clear()
     yield monkeypatch
-    attention.select_backend.cache_clear()
+    dispatch._attention.clear()
 
 
 def test_cpu_selects_reference_and_logs_it(fresh_selection, caplog):
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
-        assert attention.select_backend("cpu") == "reference"
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        assert dispatch.attention_backend("cpu") == "reference"
     assert "varlen attention on cpu for torch.bfloat16: reference" in caplog.text
 
 
 def test_cuda_preference_order_follows_what_is_installed(fresh_selection):
     """Decided without touching a GPU: flash when installed, else torch varlen, else reference."""
-    cuda = torch.device("cuda")
-    flash = attention._available("flash", cuda)
-    varlen = attention._available("torch_varlen", cuda)
+    flash = dispatch.attention_unavailable("flash", "cuda")
+    varlen = dispatch.attention_unavailable("torch_varlen", "cuda")
     want = "flash" if flash is None else "torch_varlen" if varlen is None else "reference"
-    assert attention.select_backend("cuda") == want
+    assert dispatch.attention_backend("cuda") == want
     if flash is not None:
         assert "flash-attn" in flash
 
 
 def test_full_precision_on_cuda_selects_reference(fresh_selection):
     """The fused kernels take fp16/bf16 only: fp32 and fp64 (exactness runs) use the reference."""
-    assert attention.select_backend("cuda", torch.float32) == "reference"
-    assert attention.select_backend("cuda", torch.float64) == "reference"
+    assert dispatch.attention_backend("cuda", torch.float32) == "reference"
+    assert dispatch.attention_backend("cuda", torch.float64) == "reference"
     fresh_selection.setenv("ATTENTION_BACKEND", "torch_varlen")
-    attention.select_backend.cache_clear()
+    dispatch._attention.clear()
     with pytest.raises(RuntimeError, match="torch_varlen needs float16 or bfloat16 inputs, got torch.float32"):
-        attention.select_backend("cuda", torch.float32)
+        dispatch.attention_backend("cuda", torch.float32)
 
 
 @pytest.mark.parametrize("name", ["flash", "torch_varlen"])
 def test_named_backend_that_cannot_run_raises(fresh_selection, name):
     fresh_selection.setenv("ATTENTION_BACKEND", name)
     with pytest.raises(RuntimeError, match=f"ATTENTION_BACKEND={name} cannot run: {name} needs a CUDA device"):
-        attention.select_backend("cpu")
+        dispatch.attention_backend("cpu")
 
 
 def test_unknown_backend_name_lists_the_allowed(fresh_selection):
     fresh_selection.setenv("ATTENTION_BACKEND", "xformers")
     with pytest.raises(ValueError, match="ATTENTION_BACKEND='xformers'; allowed: flash, torch_varlen, reference"):
-        attention.select_backend("cpu")
+        dispatch.attention_backend("cpu")
 
 
 def test_model_attention_goes_through_varlen_attention(monkeypatch):
@@ -234,3 +236,47 @@ def test_model_attention_goes_through_varlen_attention(monkeypatch):
     model.init_weights()
     model(torch.arange(37) % 50, cu_seqlens=_cu(LENGTHS), max_seqlen=17)
     assert calls == [([0, 5, 6, 6, 23, 37], 17)] * 3
+
+
+def test_reference_op_passes_torch_library_opcheck():
+    """Schema, fake implementations (also with dynamic shapes) and autograd registration, as torch checks them."""
+    q, k, v = (t.requires_grad_() for t in _qkv(7, dtype=torch.float32))
+    torch.library.opcheck(torch.ops.limo.varlen_attention_reference.default, (q, k, v, _cu(LENGTHS), 0.3))
+
+
+def test_reference_runs_on_fake_tensors_without_reading_bounds():
+    """The per-sample reference reads cu_seqlens on the host; as an op its fake implementation
+    answers instead, forward and backward, so FakeTensorMode runs the CPU path too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = (torch.empty(16384, h, 128, requires_grad=True) for h in (40, 8, 8))
+        cu = torch.zeros(9, dtype=torch.int32)
+        out = attention.varlen_attention(q, k, v, cu, 4096)
+        out.sum().backward()
+        assert out.shape == q.shape and q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_fake_gpu_tensors_take_a_fused_backend(fresh_selection):
+    """bf16 on the GPU path: flash-attn when installed, else torch's varlen_attn (both ops with fake
+    implementations), never the per-sample reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests.fake_gpu import fake_gpu
+
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with fake_gpu() as device:
+        q, k, v = (torch.empty(16384, h, 128, device=device, dtype=torch.bfloat16, requires_grad=True) for h in (28, 4, 4))
+        cu = torch.zeros(9, device=device, dtype=torch.int32)
+        with Ops():
+            out = attention.varlen_attention(q, k, v, cu, 4096)
+            out.sum().backward()
+        assert out.shape == q.shape and k.grad.shape == k.shape
+    assert dispatch.attention_backend("cuda") in ("flash", "torch_varlen")
+    assert not any("limo" in op for op in seen) and any("varlen" in op for op in seen), seen

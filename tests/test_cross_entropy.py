@@ -2,13 +2,13 @@
 the Triton kernel (the interpreter on CPU) and its torch twin (the "torch" backend)."""
 
 import functools
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import cross_entropy as CE_MODULE
 from kernels import reference
 from kernels.cross_entropy import CPU_LOGITS_BUDGET_BYTES, LOGITS_BUDGET_BYTES, chunk_tokens, fused_linear_cross_entropy, linear_cross_entropy_fwd
 from tests.conftest import rel_err
@@ -21,7 +21,6 @@ def norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
     the max-element error of two correct implementations differs by chance by ~15%."""
     got, want = got.double(), want.double()
     return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
-CE_MODULE = sys.modules["kernels.cross_entropy"]
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -63,7 +62,7 @@ def test_vocab_spanning_many_blocks_with_a_ragged_last_one(monkeypatch, vocab, z
     max and sum across vocab blocks. A 64-element interpreter tile makes 129 columns 3 blocks
     (the last holds 1 column) and 1025 columns 17."""
     monkeypatch.setattr(CE_MODULE, "_INTERPRETER_TILE", 64)
-    assert CE_MODULE._tiles(vocab)[1] == 64
+    assert CE_MODULE._tiles(vocab, interp=True)[1] == 64
     hidden, weight, targets = _problem(T=21, H=24, V=vocab, ignored=[5])
     for reduction in ("sum", "mean"):
         got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction, z_loss=z_loss, chunk_size=8)
@@ -196,12 +195,13 @@ def test_chunk_size_follows_the_memory_budget():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_torch_backend_never_holds_the_full_logits(dtype):
     """The torch backend's peak live [*, V] bytes, forward + backward, stay within its chunk (plus
-    the chunk's fp32 copy for a half dtype): 8 chunks of 256 tokens here, as the GPU path."""
+    the chunk's fp32 copy for a half dtype): 8 chunks of 256 tokens here, as the GPU path. A
+    dispatch mode sees a custom op whole, so this runs the op's implementation, which computes
+    the loss and both gradients (backward only scales and casts them)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     T, H, V = 2048, 32, 1003
     hidden, weight, targets = _problem(T=T, H=H, V=V, dtype=dtype, seed=4)
-    hidden.requires_grad_(), weight.requires_grad_()
     live: dict[int, tuple] = {}
     peak = 0
 
@@ -220,7 +220,7 @@ def test_torch_backend_never_holds_the_full_logits(dtype):
             return out
 
     with Track():
-        fused_linear_cross_entropy(hidden, weight, targets, chunk_size=256, backend="torch").backward()
+        linear_cross_entropy_fwd(hidden, weight, targets, chunk_size=256, backend="torch")
     for ref, _ in live.values():
         torch.UntypedStorage._free_weak_ref(ref)
     chunk_bytes = 256 * V * (dtype.itemsize + (4 if dtype != torch.float32 else 0))
@@ -256,6 +256,30 @@ def test_out_of_range_targets(backend):
             fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_op_passes_torch_library_opcheck(backend):
+    """Schema, fake implementation (also with dynamic shapes) and autograd registration, as torch checks them."""
+    hidden, weight, targets = _problem(T=9, H=16, V=50, dtype=torch.float32, ignored=[2])
+    hidden.requires_grad_(), weight.requires_grad_()
+    for reduction, need in (("sum", (True, True)), ("mean", (True, False)), ("mean", (False, False))):
+        args = (hidden, weight, targets, -100, reduction, 0.01, 4, backend, *need)
+        torch.library.opcheck(torch.ops.limo.linear_cross_entropy.default, args)
+
+
+def test_fake_tensors_give_the_loss_and_gradient_shapes_without_running():
+    """At Qwen's head (152,064 x 5,120) under FakeTensorMode: nothing is allocated or launched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        hidden = torch.empty(16384, 5120, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.empty(152064, 5120, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.zeros(16384, dtype=torch.long)
+        loss = fused_linear_cross_entropy(hidden, weight, targets, reduction="mean")
+        loss.backward()
+        assert loss.shape == () and loss.dtype == torch.float32
+        assert hidden.grad.shape == hidden.shape and hidden.grad.dtype == torch.bfloat16 and weight.grad.shape == weight.shape
+
+
 _GPU_BUILD = """
 import json
 import triton.language as tl
@@ -263,7 +287,7 @@ from kernels.cross_entropy import _ce_loss_grad_kernel, _tiles
 from kernels.triton_common import compile_for_gpu
 
 report = {}
-block_t, block_v, warps = _tiles(152064)
+block_t, block_v, warps = _tiles(152064, interp=False)
 for dtype in ("bf16", "fp32"):
     sig = dict(LOGITS=f"*{dtype}", TARGETS="*i64", LOSS="*fp32", n_rows="i32", n_cols="i32", stride_row="i32", ignore_index="i32", z_loss="fp32")
     for grad in (True, False):

@@ -1,4 +1,4 @@
-"""Backend selection in kernels/__init__.py: explicit, decided once, logged, never a silent fallback."""
+"""Backend selection in kernels/dispatch.py: explicit, decided once, logged, never a silent fallback; fake tensors take their device's path."""
 
 import logging
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+from kernels import dispatch, reference
 from kernels.triton_common import interpreting
 
 
@@ -14,10 +14,10 @@ from kernels.triton_common import interpreting
 def restore_backend(monkeypatch):
     """Each test starts from the process's setting and leaves it as it found it."""
     monkeypatch.delenv("KERNELS_BACKEND", raising=False)
-    setting, resolved = dict(kernels._setting), dict(kernels._resolved)
+    setting, resolved = dict(dispatch._setting), dict(dispatch._resolved)
     yield
-    kernels._setting.clear(), kernels._setting.update(setting)
-    kernels._resolved.clear(), kernels._resolved.update(resolved)
+    dispatch._setting.clear(), dispatch._setting.update(setting)
+    dispatch._resolved.clear(), dispatch._resolved.update(resolved)
 
 
 def _norm_inputs():
@@ -34,7 +34,7 @@ def test_auto_picks_triton_where_it_runs():
 
 
 def test_auto_without_the_interpreter_uses_torch_on_cpu_and_says_why(monkeypatch, caplog):
-    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     with caplog.at_level(logging.INFO, logger="kernels"):
         kernels.set_backend("auto")
         assert kernels.backend("cpu") == "torch"
@@ -45,16 +45,14 @@ def test_auto_without_the_interpreter_uses_torch_on_cpu_and_says_why(monkeypatch
 
 
 def test_torch_backend_runs_the_references_and_the_chunked_loss(monkeypatch):
-    import sys
-
-    ce_module = sys.modules["kernels.cross_entropy"]
+    ce_module = kernels.cross_entropy
     real_twin = ce_module._loss_grad_torch
     kernels.set_backend("torch")
     x, r, w = _norm_inputs()
     y, s = kernels.rmsnorm(x, w, 1e-6, residual=r)
     want_y, want_s = reference.rmsnorm(x, w, 1e-6, residual=r)
     assert torch.equal(y, want_y) and torch.equal(s, want_s)
-    assert "RMSNormFunction" not in type(y.grad_fn).__name__
+    assert "limo" not in type(y.grad_fn).__name__
     targets = torch.randint(0, 48, (37,), generator=torch.Generator().manual_seed(1))
     launched = []
     monkeypatch.setattr(ce_module, "_loss_grad_torch", lambda *a: launched.append(1) or real_twin(*a))
@@ -63,16 +61,16 @@ def test_torch_backend_runs_the_references_and_the_chunked_loss(monkeypatch):
     assert torch.allclose(loss, reference.fused_linear_cross_entropy(x, torch.eye(48), targets), rtol=1e-6)
 
 
-def test_triton_backend_runs_our_autograd_functions():
+def test_triton_backend_runs_our_ops():
     """CUDA, or the interpreter that tests/conftest.py turns on without CUDA."""
     kernels.set_backend("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, r, w = (t.detach().to(device) for t in _norm_inputs())
     y, _ = kernels.rmsnorm(x.requires_grad_(), w, 1e-6, residual=r)
-    assert type(y.grad_fn).__name__ == "RMSNormFunctionBackward"
+    assert "limo_rmsnorm_residual" in type(y.grad_fn).__name__
     targets = torch.randint(0, 48, (37,), device=device)
     loss = kernels.fused_linear_cross_entropy(x, torch.eye(48, device=device), targets)
-    assert type(loss.grad_fn).__name__ == "LinearCrossEntropyFunctionBackward"
+    assert "limo_linear_cross_entropy" in type(loss.grad_fn).__name__
 
 
 def test_environment_overrides_the_config(monkeypatch, caplog):
@@ -83,13 +81,13 @@ def test_environment_overrides_the_config(monkeypatch, caplog):
 
 
 def test_first_use_without_set_backend_honours_the_environment(monkeypatch):
-    kernels._setting.clear(), kernels._resolved.clear()
+    dispatch._setting.clear(), dispatch._resolved.clear()
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     assert kernels.backend("cpu") == "torch"
 
 
 def test_a_named_backend_that_cannot_run_raises(monkeypatch):
-    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match=r"'triton' \(from set_backend\) cannot run on cpu: CPU tensors need Triton's interpreter"):
         kernels.set_backend("triton")
         kernels.backend("cpu")  # reached on a CUDA machine, where set_backend checked CUDA
@@ -110,8 +108,50 @@ def test_unknown_names_list_the_allowed_ones(monkeypatch):
         kernels.set_backend("auto")
 
 
-def test_public_rmsnorm_is_the_function_not_the_module():
-    """kernels/rmsnorm.py shares the op's name; the package attribute must stay the function."""
-    import kernels.rmsnorm  # noqa: F401  (re-importing must not rebind the attribute)
+def test_no_name_is_both_a_submodule_and_a_function():
+    """Every kernels submodule imported, each package attribute of a submodule's name is that module."""
+    import importlib
+    import pkgutil
+    import types
 
-    assert callable(kernels.rmsnorm) and kernels.rmsnorm.__module__ == "kernels"
+    names = [m.name for m in pkgutil.iter_modules(kernels.__path__)]
+    for name in names:
+        importlib.import_module(f"kernels.{name}")  # importing must not rebind a function's name
+    for name in names:
+        assert isinstance(getattr(kernels, name), types.ModuleType), name
+    for name in kernels.__all__:
+        assert name not in names and callable(getattr(kernels, name)) or name == "BACKENDS", name
+
+
+def test_fake_cuda_tensors_resolve_to_the_gpu_path_without_running(caplog):
+    """No CUDA here (or there is): a fake CUDA tensor gets what an H100 runs; a real query for CUDA
+    on a machine without it still says why Triton cannot run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kernels.set_backend("auto")
+    with caplog.at_level(logging.INFO, logger="kernels"), FakeTensorMode():
+        x = torch.empty(4, 8, device="cuda")
+        assert dispatch.kernel_backend(x) == "triton"
+        assert dispatch.attention_backend(x.device.type, torch.bfloat16) in ("flash", "torch_varlen")
+    assert "kernels on cuda (fake tensors, traced): triton (set_backend=auto)" in caplog.text
+    if not torch.cuda.is_available():
+        assert kernels.backend("cuda") == "torch"
+
+
+def test_fake_cuda_tensors_follow_a_named_torch_backend(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    kernels.set_backend("auto")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert dispatch.kernel_backend(torch.empty(4, 8, device="cuda")) == "torch"
+
+
+def test_meta_tensors_stand_for_cuda_only_when_asked():
+    kernels.set_backend("auto")
+    t = torch.empty(4, 8, device="meta")
+    assert dispatch.kernel_backend(t) == "torch"  # no Triton path for meta tensors
+    with dispatch.meta_as("cuda"):
+        assert dispatch.path_of(t) == ("cuda", True) and dispatch.kernel_backend(t) == "triton"
+        assert dispatch.path_of(torch.empty(2)) == ("cpu", False)
+    assert dispatch.path_of(t) == ("meta", False)

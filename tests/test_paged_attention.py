@@ -1,6 +1,5 @@
 """Paged KV store and paged decode attention (Triton: compiled on a GPU, interpreted on CPU) against float64 references."""
 
-import importlib
 import os
 
 import pytest
@@ -8,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
+from kernels import paged_attention as pa
 from tests.conftest import rel_err
 
-pa = importlib.import_module("kernels.paged_attention")  # the module, even if kernels re-exports a function of that name
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -150,3 +149,37 @@ def test_contract_errors_name_the_tensor():
         pa.store_kv(q[:, :2], q[:, :2], kc, vc, torch.zeros(3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="takes"):
         pa.paged_attention_triton(q.double(), kc.double(), vc.double(), tables, cl, 9, 1.0)
+
+
+def test_ops_pass_torch_library_opcheck():
+    """Schema (store_kv declares the caches it writes) and fake implementations, as torch checks them."""
+    q, kc, vc, tables, cl = _paged_case(4, 2, 16, 8, [5, 20], torch.float32, seed=6)
+    kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    torch.library.opcheck(torch.ops.limo.paged_attention.default, (q, kc, vc, tables, cl, 20, 0.25, 2), test_utils=("test_schema", "test_faketensor"))
+    k = torch.randn(3, 2, 16, device=DEVICE)
+    slots = torch.tensor([0, 9, -1], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.limo.store_kv.default, (k, 2 * k, kc, vc, slots), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fake_gpu_tensors_take_the_triton_ops():
+    """A decode step of Qwen2.5-7B's shapes on fake GPU tensors: the ops' fake implementations answer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests.fake_gpu import fake_gpu
+
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    with fake_gpu() as device, Ops():
+        q = torch.empty(64, 28, 128, device=device, dtype=torch.bfloat16)
+        kc, vc = (torch.empty(4096, 16, 4, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+        tables = torch.zeros(64, 2048, device=device, dtype=torch.int32)
+        cl = torch.zeros(64, device=device, dtype=torch.int32)
+        pa.store_kv(q[:, :4], q[:, :4], kc, vc, cl)
+        out = pa.paged_attention(q, kc, vc, tables, cl, 32768)
+    assert out.shape == q.shape
+    assert seen.count("limo") == 2

@@ -1,13 +1,11 @@
-"""kernels/rmsnorm.py (Triton; the interpreter on CPU) against float64 references: values and every gradient."""
-
-import sys
+"""kernels/norm.py (Triton ops; the interpreter on CPU) against float64 references: values and every gradient."""
 
 import pytest
 import torch
 
 import kernels
-from kernels import reference
-from kernels.rmsnorm import MAX_WIDTH, rmsnorm, rmsnorm_bwd, rmsnorm_fwd
+from kernels import norm, reference
+from kernels.norm import MAX_WIDTH, rmsnorm, rmsnorm_bwd, rmsnorm_fwd
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,7 +16,6 @@ def norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
     the max-element error of two correct implementations differs by chance by ~15%."""
     got, want = got.double(), want.double()
     return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
-RMSNORM_MODULE = sys.modules["kernels.rmsnorm"]  # `kernels.rmsnorm` itself is the public function
 
 
 def _inputs(shape, dtype, residual, seed=0, w_dtype=None):
@@ -137,8 +134,8 @@ def test_public_op_runs_the_triton_kernels(monkeypatch):
     """kernels.rmsnorm, under the default backend here, launches our forward and backward kernels."""
     launched = []
     for name in ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel"):
-        real = getattr(RMSNORM_MODULE, name)
-        monkeypatch.setattr(RMSNORM_MODULE, name, _Spy(real, name, launched))
+        real = getattr(norm, name)
+        monkeypatch.setattr(norm, name, _Spy(real, name, launched))
     x, r, w, dy, ds = _inputs((37, 48), torch.float32, True, seed=6)
     got = _run(kernels.rmsnorm, x, r, w, dy, ds)
     assert kernels.backend(x.device.type) == "triton"
@@ -182,11 +179,57 @@ def test_backward_without_weight_gradient_skips_it():
     assert rel_err(dx, xl.grad) < 2e-6
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_ops_pass_torch_library_opcheck(residual):
+    """Schema, fake implementation (also with dynamic shapes) and autograd registration, as torch checks them."""
+    x, r, w, dy, ds = _inputs((5, 48), torch.float32, residual, seed=8)
+    x.requires_grad_(), w.requires_grad_()
+    if residual:
+        torch.library.opcheck(torch.ops.limo.rmsnorm_residual.default, (x, r.requires_grad_(), w, 1e-6))
+    else:
+        torch.library.opcheck(torch.ops.limo.rmsnorm.default, (x, w, 1e-6))
+    _, s, rstd = rmsnorm_fwd(x.detach(), w.detach(), 1e-6, r)
+    torch.library.opcheck(torch.ops.limo.rmsnorm_backward.default, (dy, ds, s, w.detach(), rstd, True))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_backward_keeps_exactly_the_sum_weight_and_rstd(residual):
+    """What autograd holds per norm is what the activation-memory plan counts: s (x itself without a
+    residual, so nothing new), the weight and one fp32 rstd per row; never y or a copy of x."""
+    x, r, w, _, _ = _inputs((37, 48), torch.bfloat16, residual, seed=9)
+    x.requires_grad_()
+    out = rmsnorm(x, w, 1e-6, residual=r)
+    y, s = out if residual else (out, x)
+    saved = y.grad_fn.saved_tensors
+    assert len(saved) == 3
+    assert saved[0].untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
+    assert saved[1] is w or saved[1].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    assert saved[2].dtype == torch.float32 and saved[2].shape == (37,)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_fake_tensors_give_shapes_and_gradients_without_running(residual):
+    """Under FakeTensorMode the ops' fake implementations answer, forward and backward; no kernel launches."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(7, 3, 896, dtype=torch.bfloat16, requires_grad=True)
+        r = torch.empty(7, 3, 896, dtype=torch.bfloat16, requires_grad=True) if residual else None
+        w = torch.empty(896, dtype=torch.bfloat16, requires_grad=True)
+        out = rmsnorm(x, w, 1e-6, residual=r)
+        y = out[0] if residual else out
+        y.sum().backward()
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+        assert x.grad.shape == x.shape and w.grad.shape == w.shape and (r is None or r.grad.shape == r.shape)
+        with pytest.raises(ValueError, match=r"x \[..., N\] and weight \[N\]"):
+            rmsnorm(x, w[:5], 1e-6)
+
+
 # Run in a fresh interpreter without TRITON_INTERPRET, so the kernels are defined for the GPU.
 _GPU_BUILD = """
 import json
 import triton.language as tl
-from kernels.rmsnorm import _rmsnorm_bwd_kernel, _rmsnorm_fwd_kernel, _tiles
+from kernels.norm import _rmsnorm_bwd_kernel, _rmsnorm_fwd_kernel, _tiles
 from kernels.triton_common import compile_for_gpu
 
 FWD = dict(X="*bf16", R="*bf16", W="*bf16", Y="*bf16", S="*bf16", RSTD="*fp32", n_rows="i32", n_cols="i32",
@@ -195,7 +238,7 @@ BWD = dict(DY="*bf16", DS="*bf16", S="*bf16", W="*bf16", RSTD="*fp32", DX="*bf16
            n_cols="i32", stride_dy="i32", stride_ds="i32", stride_s="i32", stride_dx="i32")
 report = {}
 for width in (128, 4096, 5120, 8192):
-    block_m, block_n, warps = _tiles(16384, width)
+    block_m, block_n, warps = _tiles(16384, width, False)
     for res in (False, True):
         tiles = dict(ACC=tl.float32, BLOCK_M=block_m, BLOCK_N=block_n, INTERP=False)
         report[f"fwd width={width} residual={res}"] = compile_for_gpu(_rmsnorm_fwd_kernel, FWD, dict(HAS_RESIDUAL=res, **tiles), warps)
@@ -220,6 +263,7 @@ def build_for_gpu(script: str) -> dict:
     import json
     import os
     import subprocess
+    import sys
 
     from tests.conftest import ROOT
 

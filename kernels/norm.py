@@ -11,17 +11,19 @@ tests check the algebra exactly). dw is summed first in registers of each progra
 across programs in fp32, never in a half dtype.
 
 Layout (STYLE.md): @triton.jit kernels -> host functions `rmsnorm_fwd` / `rmsnorm_bwd` that check
-the contract and launch -> `RMSNormFunction` -> the public `rmsnorm`.
+the contract and launch -> the torch.library ops `limo::rmsnorm`, `limo::rmsnorm_residual` and
+`limo::rmsnorm_backward` (fake implementations, autograd) -> the public `rmsnorm`. The public op of
+the package is `kernels.rmsnorm`, which picks this file or the torch reference (kernels/dispatch.py).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from kernels.triton_common import cast, interpreting
 
@@ -106,15 +108,16 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tiles(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows per program, BLOCK_N >= width, num_warps).
+def _tiles(n_rows: int, n_cols: int, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_M rows per program, BLOCK_N >= width, num_warps), for the GPU or (`interp`) the interpreter.
 
     GPU: one row per program from 4096 wide (a row already fills 8-32 warps with 16-byte
     loads); narrower rows are batched to ~4096 elements per program. Interpreter: tiles of
     ~16k elements, because each program costs a Python-level pass over the kernel body.
+    kernels/compile_check.py compiles every GPU tile this gives for the widths we ship.
     """
     block_n = triton.next_power_of_2(n_cols)
-    if interpreting():
+    if interp:
         return min(triton.next_power_of_2(max(n_rows, 1)), max(1, _INTERPRETER_TILE // block_n)), block_n, 1
     block_m = max(1, 4096 // block_n)
     return block_m, block_n, min(32, max(4, block_m * block_n // 512))
@@ -131,6 +134,22 @@ def _check_device(t: torch.Tensor, name: str) -> None:
     )
 
 
+def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
+    """The forward's contract on shapes, dtypes and eps (the fake implementations check it too)."""
+    if x.dim() == 0 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rmsnorm: expected x [..., N] and weight [N]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"rmsnorm: x and weight must be one of {SUPPORTED_DTYPES}; got x {x.dtype}, weight {weight.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"rmsnorm: residual must match x; got residual {tuple(residual.shape)} {residual.dtype}, x {tuple(x.shape)} {x.dtype}"
+        )
+    if x.shape[-1] > MAX_WIDTH:
+        raise ValueError(f"rmsnorm: width {x.shape[-1]} > {MAX_WIDTH}, the widest row this kernel keeps in registers")
+    if not eps >= 0.0:
+        raise ValueError(f"rmsnorm: eps must be >= 0, got {eps}")
+
+
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """[..., N] -> [M, N] with unit column stride (a view when the layout allows one)."""
     t = t.reshape(-1, n_cols)
@@ -144,25 +163,14 @@ def rmsnorm_fwd(
 
     s is x + residual (x itself when there is no residual): the tensor backward needs.
     """
-    if x.dim() == 0 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"rmsnorm: expected x [..., N] and weight [N]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"rmsnorm: x and weight must be one of {SUPPORTED_DTYPES}; got x {x.dtype}, weight {weight.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(
-            f"rmsnorm: residual must match x; got residual {tuple(residual.shape)} {residual.dtype}, x {tuple(x.shape)} {x.dtype}"
-        )
-    n_cols = x.shape[-1]
-    if n_cols > MAX_WIDTH:
-        raise ValueError(f"rmsnorm: width {n_cols} > {MAX_WIDTH}, the widest row this kernel keeps in registers")
-    if not eps >= 0.0:
-        raise ValueError(f"rmsnorm: eps must be >= 0, got {eps}")
+    _check(x, weight, eps, residual)
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None:
             _check_device(t, name)
             if t.device != x.device:
                 raise ValueError(f"rmsnorm: {name} is on {t.device} but x is on {x.device}")
-    x2 = _rows(x, n_cols)  # [M, N]
+    n_cols = x.shape[-1]
+    x2 = _rows(x, n_cols)  # [M, N] or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
     r2 = _rows(residual, n_cols) if residual is not None else x2
     n_rows = x2.shape[0]
     y = torch.empty(n_rows, n_cols, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
@@ -170,7 +178,7 @@ def rmsnorm_fwd(
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     rstd = torch.empty(n_rows, dtype=acc, device=x.device)
     if n_rows:
-        block_m, block_n, warps = _tiles(n_rows, n_cols)
+        block_m, block_n, warps = _tiles(n_rows, n_cols, interpreting())
         _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, r2, weight.contiguous(), y, s, rstd,
             n_rows, n_cols, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), float(eps),
@@ -194,7 +202,7 @@ def rmsnorm_bwd(
     dy2 = _rows(dy, n_cols) if dy is not None else s2
     ds2 = _rows(ds, n_cols) if ds is not None else s2
     dx = torch.empty(n_rows, n_cols, dtype=s.dtype, device=s.device)
-    block_m, block_n, warps = _tiles(n_rows, n_cols)
+    block_m, block_n, warps = _tiles(n_rows, n_cols, interpreting())
     n_tiles = triton.cdiv(n_rows, block_m)
     if interpreting() or s.device.type != "cuda":
         programs = min(n_tiles, 4)
@@ -214,23 +222,85 @@ def rmsnorm_bwd(
     return dx.view(s.shape), dw
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, residual, eps):
-        y, s, rstd = rmsnorm_fwd(x, weight, eps, residual)
-        ctx.save_for_backward(s, weight, rstd)
-        ctx.has_residual = residual is not None
-        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros to read
-        return y if residual is None else (y, s)
+# ---------------------------------------------------------------------------------------------
+# torch.library ops: what torch.compile traces through and FakeTensorMode runs. Two forwards
+# (with and without the residual) because an op's outputs are fixed and may not alias its
+# inputs: without a residual the sum s is x itself, so that op returns (y, rstd) only.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, ds=None):
-        s, weight, rstd = ctx.saved_tensors
-        if dy is None and ds is None:
-            return None, None, None, None
-        dx, dw = rmsnorm_bwd(dy, ds, s, weight, rstd, need_dw=ctx.needs_input_grad[1])
-        return dx, dw, (dx if ctx.has_residual and ctx.needs_input_grad[2] else None), None
+
+def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("limo::rmsnorm", mutates_args=())
+def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (y [..., N], rstd [M])."""
+    y, _, rstd = rmsnorm_fwd(x, weight, eps)
+    return y, rstd
+
+
+@_rmsnorm_op.register_fake
+def _rmsnorm_fake(x, weight, eps):
+    _check(x, weight, eps, None)
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return y, x.new_empty(math.prod(x.shape[:-1]), dtype=_acc_torch_dtype(x.dtype))
+
+
+@torch.library.custom_op("limo::rmsnorm_residual", mutates_args=())
+def _rmsnorm_residual_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y [..., N], s = x + residual [..., N], rstd [M])."""
+    return rmsnorm_fwd(x, weight, eps, residual)
+
+
+@_rmsnorm_residual_op.register_fake
+def _rmsnorm_residual_fake(x, residual, weight, eps):
+    y, rstd = _rmsnorm_fake(x, weight, eps)
+    _check(x, weight, eps, residual)
+    return y, torch.empty_like(x), rstd
+
+
+@torch.library.custom_op("limo::rmsnorm_backward", mutates_args=())
+def _rmsnorm_backward_op(
+    dy: torch.Tensor | None, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx [..., N], dw [N]); dw is empty ([0]) when `need_dw` is false or dy is None."""
+    dx, dw = rmsnorm_bwd(dy, ds, s, weight, rstd, need_dw)
+    return dx, dw if dw is not None else weight.new_empty(0)
+
+
+@_rmsnorm_backward_op.register_fake
+def _rmsnorm_backward_fake(dy, ds, s, weight, rstd, need_dw):
+    return torch.empty_like(s), torch.empty_like(weight) if need_dw and dy is not None else weight.new_empty(0)
+
+
+def _backward(ctx, dy, ds):
+    """Gradients of (x, [residual,] weight); y's and s's gradients may each be None (unused outputs)."""
+    s, weight, rstd = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[-2]
+    if dy is None and ds is None:
+        return (None,) * len(ctx.needs_input_grad)
+    dx, dw = _rmsnorm_backward_op(dy, ds, s, weight, rstd, need_dw)
+    dw = dw if need_dw and dy is not None else None
+    if not ctx.has_residual:
+        return dx, dw, None
+    return dx, (dx if ctx.needs_input_grad[1] else None), dw, None
+
+
+def _setup(ctx, inputs, output):
+    """Saves exactly (s, weight, rstd): s is x itself without a residual, the returned sum with one."""
+    ctx.has_residual = len(inputs) == 4
+    x, weight = inputs[0], inputs[-2]
+    s = output[1] if ctx.has_residual else x
+    rstd = output[-1]
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros to read
+    ctx.save_for_backward(s, weight, rstd)
+
+
+_rmsnorm_op.register_autograd(lambda ctx, dy, _: _backward(ctx, dy, None), setup_context=_setup)
+_rmsnorm_residual_op.register_autograd(lambda ctx, dy, ds, _: _backward(ctx, dy, ds), setup_context=_setup)
 
 
 def rmsnorm(
@@ -241,4 +311,7 @@ def rmsnorm(
     Same contract as kernels.reference.rmsnorm. Gradients flow to x, weight and residual;
     with a residual, both y and s may carry gradients.
     """
-    return RMSNormFunction.apply(x, weight, residual, eps)
+    if residual is None:
+        return _rmsnorm_op(x, weight, float(eps))[0]
+    y, s, _ = _rmsnorm_residual_op(x, residual, weight, float(eps))
+    return y, s
