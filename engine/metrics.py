@@ -20,6 +20,7 @@ import torch
 
 from engine.memory import host_rss_gib
 from engine.model import ModelArgs
+from engine.progress import progress_bar
 
 # Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, without sparsity).
 # The first name that is part of the device's name wins: the PCIe and NVL H100s come before the SXM one.
@@ -69,11 +70,9 @@ class MetricsLogger:
         self.bar = self.tb = None
         if not enabled:
             return
-        from tqdm import tqdm
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_records_after(start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = progress_bar(total_steps, "train", "step", initial=start_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -103,8 +102,8 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(1)  # redraws as often as the bar allows (a log file: one line per interval)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":

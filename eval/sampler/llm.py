@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from engine.progress import progress_bar
 from engine.weights import load_pretrained
 from eval.sampler.block_manager import BlockManager
 from eval.sampler.runner import ModelRunner
@@ -183,7 +183,7 @@ class LLM:
         for seq in seqs:
             self.scheduler.add(seq)
         finished: list[Sequence] = []
-        bar = tqdm(total=sum(sp.n for sp in params), desc="Generating", unit="sample", disable=not use_tqdm, dynamic_ncols=True)
+        bar = progress_bar(sum(sp.n for sp in params), "Generating", "sample", disable=not use_tqdm)
         try:
             while not self.scheduler.done:
                 start = time.perf_counter()
