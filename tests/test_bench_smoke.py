@@ -50,3 +50,27 @@ def test_smoke_sweep_writes_one_record_per_case_mode_provider(name, tmp_path, ca
 def test_unknown_provider_is_refused():
     with pytest.raises(SystemExit, match=r"unknown providers \['mine'\]"):
         bench_rmsnorm.main(["--sweep", "smoke", "--providers", "ours,mine"])
+
+
+def test_a_comparator_that_cannot_run_here_is_unavailable_not_our_failure(tmp_path):
+    """Liger's RMSNorm kernels fail in Triton's CPU interpreter: that is Liger not running here
+    (exit 0, recorded "unavailable"); the same failure in our own provider is an error."""
+    import torch
+    from triton.runtime.errors import InterpreterError
+
+    from benchmarks.harness import Work, run_sweep
+
+    out = tmp_path / "result.json"
+    args = ["--sweep", "smoke", "--providers", "ours,liger", "--warmup-ms", "1", "--rep-ms", "1", "--out", str(out)]
+    assert bench_rmsnorm.main(args) == 0
+    statuses = {r["provider"]: r["status"] for r in json.loads(out.read_text())["records"]}
+    assert statuses["ours"] == "ok"
+    if not torch.cuda.is_available():
+        assert statuses["liger"].startswith("unavailable: its Triton kernels fail in Triton's CPU interpreter"), statuses
+
+    def broken(case, mode, device):
+        raise InterpreterError("AttributeError('float' object has no attribute 'to')")
+
+    records = run_sweep("x", [{"n": 1}], ["fwd"], {"ours": broken, "theirs": broken}, lambda c, m: Work(bytes=1),
+                        torch.device("cpu"), {"copy_gbps": 1.0, "matmul_tflops": 1.0}, log=lambda _: None)
+    assert records[0].status.startswith("error: InterpreterError") and records[1].status.startswith("unavailable")
