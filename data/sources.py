@@ -220,27 +220,35 @@ def _key(sample: Sample) -> tuple[tuple[str, str], ...]:
     return tuple((m["role"], m["content"]) for m in sample.messages)
 
 
-def load_records(path: str, fmt: Format = "auto") -> tuple[list[Sample], SourceReport]:
-    """All samples of a file or hub dataset, in file order, with a report that lists duplicates."""
+def iter_records(path: str, fmt: Format = "auto") -> Iterator[tuple[str, str, dict, Sample]]:
+    """(file, format, raw record, its Sample) for every record of a file or hub dataset, in file
+    order: for tools that must pass the record itself through (data.curate), not only train on it."""
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r}; allowed: {', '.join(FORMATS)}")
+    for file in resolve_files(path):
+        file_fmt, count = (None if fmt == "auto" else fmt), 0
+        for where, record in _file_records(file):
+            file_fmt = file_fmt or detect_format(record, where)
+            count += 1
+            yield str(file), file_fmt, record, to_sample(record, file_fmt, where)
+        if count == 0:
+            raise DataError(f"{file}: contains no records")
+
+
+def load_records(path: str, fmt: Format = "auto") -> tuple[list[Sample], SourceReport]:
+    """All samples of a file or hub dataset, in file order, with a report that lists duplicates."""
     samples: list[Sample] = []
     report = SourceReport()
     first_seen: dict[tuple, str] = {}
-    for file in resolve_files(path):
-        report.files.append(str(file))
-        file_fmt, before = (None if fmt == "auto" else fmt), len(samples)
-        for where, record in _file_records(file):
-            file_fmt = file_fmt or detect_format(record, where)
-            sample = to_sample(record, file_fmt, where)
-            key = _key(sample)
-            if key in first_seen:
-                report.duplicates.append((where, first_seen[key]))
-            else:
-                first_seen[key] = where
-            samples.append(sample)
-        if len(samples) == before:
-            raise DataError(f"{file}: contains no records")
-        report.format = file_fmt if report.format in ("", file_fmt) else "mixed"
+    for file, file_fmt, _, sample in iter_records(path, fmt):
+        if file not in report.files:
+            report.files.append(file)
+            report.format = file_fmt if report.format in ("", file_fmt) else "mixed"
+        key = _key(sample)
+        if key in first_seen:
+            report.duplicates.append((sample.where, first_seen[key]))
+        else:
+            first_seen[key] = sample.where
+        samples.append(sample)
     report.records = len(samples)
     return samples, report
