@@ -8,8 +8,17 @@ from engine.model import PRESETS, build_model
 from engine.weights import WeightsError, write_hf
 
 
-def test_an_export_with_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path):
+def _tiny():
+    """The tiny model with every weight drawn (build_model leaves the head's memory as it finds it)."""
     model = build_model(PRESETS["tiny"], device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    return model
+
+
+def test_an_export_with_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path):
+    model = _tiny()
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
         model.norm.weight[0] = float("-inf")
@@ -21,7 +30,7 @@ def test_an_export_with_a_non_finite_weight_is_refused_naming_the_tensor(tmp_pat
 def test_an_evaluation_of_a_non_finite_export_is_refused_naming_the_tensor(tmp_path):
     from eval.sampler import LLM
 
-    model = build_model(PRESETS["tiny"], device="cpu")
+    model = _tiny()
     with torch.no_grad():
         model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
     write_hf(tmp_path / "hf", model.args, model.named_parameters(), dtype=torch.float32)  # below the guard: as an old export
