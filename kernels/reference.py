@@ -133,18 +133,19 @@ def paged_attention(
 ) -> torch.Tensor:
     """Dense softmax attention of q [B, Hq, D] over each sequence's first context_lens[b] cached tokens.
 
-    Gathers every page of the block table into a dense [B, pages * block_size, Hkv, D] copy and
-    zeroes and masks the positions past the context (whatever they hold, NaN included); an empty
-    context gives zeros. Returns q's dtype.
+    Gathers every page of the block table into a dense [B, pages * block_size, Hkv, D] copy (the
+    CPU sampler's decode path: each step reads every live K/V byte a few times, so its time grows
+    linearly with the context). Positions past a context are zeroed in the copy and masked, whatever
+    they held (an uninitialised cache, NaN included: a NaN score survives an additive mask, and
+    0 * NaN would reach the output). An empty context gives zeros. Returns q's dtype.
     """
     B, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
     dtype = _compute_dtype(q.dtype)
-    scale = D**-0.5 if scale is None else scale
-    live = torch.arange(block_tables.shape[1] * k_cache.shape[1], device=q.device)[None, :] < context_lens[:, None]  # [B, N]
-    k, v = (c[block_tables.long()].flatten(1, 2).to(dtype).masked_fill(~live[:, :, None, None], 0.0)  # [B, N, Hkv, D]
-            for c in (k_cache, v_cache))
-    scores = torch.einsum("bhgd,bnhd->bhgn", q.to(dtype).view(B, Hkv, Hq // Hkv, D), k) * scale  # [B, Hkv, G, N]
-    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
-    probs = torch.where(live.any(-1)[:, None, None, None], scores.softmax(-1), 0.0)
-    return torch.einsum("bhgn,bnhd->bhgd", probs, v).reshape(B, Hq, D).to(q.dtype)
+    pages = block_tables.long()
+    live = torch.arange(pages.shape[1] * k_cache.shape[1], device=q.device)[None, :] < context_lens[:, None]  # [B, N]
+    dead = ~live[:, :, None, None]
+    k, v = (c[pages].flatten(1, 2).to(dtype).masked_fill_(dead, 0.0) for c in (k_cache, v_cache))  # [B, N, Hkv, D]: gathered
+    # One SDPA call on strided [B, H, N, D] views: PyTorch's CPU flash kernel reads K and V once.
+    out = F.scaled_dot_product_attention(q.to(dtype)[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=live[:, None, None, :], scale=scale, enable_gqa=True)[:, :, 0]  # [B, Hq, D]
+    return torch.where(live.any(-1)[:, None, None], out, 0.0).to(q.dtype)
