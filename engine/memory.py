@@ -57,16 +57,15 @@ class ExecutionPath:
     """The device and kernels a run uses, as far as memory is concerned."""
 
     device: str = "cuda"  # "cuda" | "cpu"
-    kernels: str = "triton"  # "triton" | "torch": kernels.backend(device)
-    attention: str = "flash"  # "flash" | "torch_varlen" | "reference": kernels.attention.select_backend
+    kernels: str = "triton"  # "triton" | "torch": kernels.dispatch.backend(device)
+    attention: str = "flash"  # "flash" | "torch_varlen" | "reference": kernels.dispatch.attention_backend
 
     @classmethod
     def of(cls, device_type: str, dtype: torch.dtype) -> ExecutionPath:
         """The path the kernels package chooses for tensors of this device and dtype (and logs)."""
-        import kernels
-        from kernels.attention import select_backend
+        from kernels.dispatch import attention_backend, backend
 
-        return cls(device_type, kernels.backend(device_type), select_backend(device_type, dtype))
+        return cls(device_type, backend(device_type), attention_backend(device_type, dtype))
 
     @classmethod
     def default_for(cls, device_type: str) -> ExecutionPath:
