@@ -3,8 +3,10 @@ r"""Are two answers the same mathematical object? Structure first, then numbers,
 An answer is read into a small tree: a leaf expression, an ordered group with its brackets
 (tuple or interval: `(1,2]`), an unordered collection (a solution list `1, 2`, a set `\{1,2\}`,
 `1 \pm \sqrt 5`, a union of intervals) or a matrix. Two trees match when their shapes match and
-their leaves do; leaves are compared as exact numbers where both are plain literals, else
-symbolically through math-verify (sympy underneath).
+their leaves do; leaves are compared as exact numbers where both are plain literals, else, unless
+a float screen already shows them apart (eval/screen.py), symbolically through math-verify (sympy
+underneath). Two answers that are each one equation or inequality are also compared as relations
+(eval/relations.py), which the trees cannot see.
 
 This module can be slow or hang on hostile input (sympy will happily try to expand
 10^{10^{10}}), so it is only ever run inside a worker process with a time limit:
