@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.curate.dedup import DEFAULT_THRESHOLD
 from data.curate.decontaminate import DEFAULT_OVERLAP, DEFAULT_SIMILARITY
+from data.curate.dedup import DEFAULT_THRESHOLD
 from data.curate.difficulty import parse_band
 from data.curate.pipeline import STEPS, run
 from data.curate.score import DEFAULT_WEIGHTS, TRAITS, parse_weights
@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dup-threshold", type=float, default=DEFAULT_THRESHOLD, help="near-duplicate Jaccard on token trigrams (default 0.8)")
     g.add_argument("--eval-dir", default=str(DEFAULT_DATA), help="evaluation suites, <dir>/<name>/test.jsonl (default ../shared/data/eval)")
     g.add_argument("--ngram-overlap", type=float, default=DEFAULT_OVERLAP, help="shared 8-gram share that is contamination (default 0.5)")
-    g.add_argument("--similarity", type=float, default=DEFAULT_SIMILARITY, help="bigram Jaccard that is contamination for short problems (default 0.6)")
+    g.add_argument("--similarity", type=float, default=DEFAULT_SIMILARITY,
+                   help="bigram Jaccard that is contamination for short problems (default 0.6)")
     g = p.add_argument_group("difficulty")
     g.add_argument("--model", help="HF model folder to draw samples from (our sampler)")
     g.add_argument("--samples", type=int, default=8, help="samples per problem, K (default 8)")
@@ -53,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.7, help="(default 0.7)")
     g.add_argument("--max-tokens", type=int, default=4096, help="new tokens per sample (default 4096)")
     g.add_argument("--seed", type=int, default=0, help="base of the per-sample seeds (default 0)")
-    g.add_argument("--batch-size", type=int, default=256, help="samples per generate call and per flush to disk (default 256)")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="samples per generate call and per flush to disk (default 256)")
     g.add_argument("--device", help="(default cuda when present, else cpu)")
     g.add_argument("--dtype", help="(default bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sampler: sequences decoded together (default 64)")
@@ -63,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"{','.join(TRAITS)} (default LIMO's {','.join(str(v) for v in DEFAULT_WEIGHTS.values())})")
     g.add_argument("--select", type=int, default=DEFAULT_N, help="records to keep (default 817)")
     g.add_argument("--per-cluster", type=int, default=1, help="records per problem family (default 1)")
-    g.add_argument("--per-source", type=float, default=0.5, help="largest share of --select from one source, when there are several (default 0.5)")
+    g.add_argument("--per-source", type=float, default=0.5,
+                   help="largest share of --select from one source, when there are several (default 0.5)")
     g.add_argument("--family-threshold", type=float, default=DEFAULT_FAMILY_THRESHOLD, help="trigram Jaccard of one family (default 0.5)")
     g.add_argument("--tokenizer", help="tokenizer folder for the report's lengths (default --model's; else words)")
     return p

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.curate.records import removed
+from data.curate.records import mark_removed
 from data.curate.text import jaccard, lsh_index, minhashes, ngrams, numbers, tokens
 
 NGRAM = 8
@@ -128,7 +128,7 @@ def remove_contaminated(pool: list[dict], eval_dir: Path, overlap: float = DEFAU
         if hit is None:
             kept.append(e)
         else:
-            gone.append(removed(e, "contaminated", **hit))
+            gone.append(mark_removed(e, "contaminated", **hit))
     by_benchmark = Counter(e["benchmark"] for e in gone)
     stats = {"records": len(pool), "eval_problems": len(index.items), "kept": len(kept), "removed": len(gone),
              "by_benchmark": dict(sorted(by_benchmark.items()))}

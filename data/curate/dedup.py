@@ -13,7 +13,7 @@ uid it is known by, for the report.
 
 from __future__ import annotations
 
-from data.curate.records import removed
+from data.curate.records import mark_removed
 from data.curate.text import canonical, jaccard, lsh_index, minhashes, ngrams, tokens, union_find
 
 SHINGLE = 3
@@ -49,7 +49,7 @@ def remove_duplicates(pool: list[dict], threshold: float = DEFAULT_THRESHOLD) ->
         if cluster[i] == i:
             kept.append({**e, "cluster": head})
         else:
-            gone.append(removed(e, "duplicate", duplicate_of=head))
+            gone.append(mark_removed(e, "duplicate", duplicate_of=head))
     stats = {"records": len(pool), "exact_duplicates": len(pool) - len(unique), "near_duplicate_links": near,
              "kept": len(kept), "removed": len(gone)}
     return kept, gone, stats

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from data.curate.records import removed
+from data.curate.records import mark_removed
 from eval.benchmarks import Problem
 from eval.generators import Completion, Request
 from eval.grading import extract_answer
@@ -112,9 +112,9 @@ def filter_by_band(pool: list[dict], results: dict[tuple[str, int], SampleResult
         rate = correct / samples
         row = {**e, "pass_rate": rate}
         if rate > hi:
-            gone.append(removed(row, "too_easy"))
+            gone.append(mark_removed(row, "too_easy"))
         elif rate < lo:
-            gone.append(removed(row, "too_hard"))
+            gone.append(mark_removed(row, "too_hard"))
         else:
             kept.append(row)
     stats = {"records": len(pool), "samples": samples, "band": [lo, hi], "kept": len(kept),

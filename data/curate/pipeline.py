@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from data.curate.decontaminate import remove_contaminated
 from data.curate.dedup import remove_duplicates
 from data.curate.difficulty import draw_and_grade, filter_by_band
-from data.curate.records import StepDir, as_limo, file_hash, flat, read_jsonl, read_pool, write_jsonl
+from data.curate.records import StepDir, as_limo, as_removal, file_hash, read_jsonl, read_pool, write_jsonl
 from data.curate.report import write_report
 from data.curate.score import score_chains
 from data.curate.select import select_top
@@ -107,7 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if folder.finished(stamp) and not args.force:
                 print(f"{step}: done earlier with the same input and settings; reusing {folder.path}", flush=True)
             else:
+                start = time.perf_counter()
                 kept, gone, stats = _run_step(step, rows, folder, args)
+                stats["seconds"] = round(time.perf_counter() - start, 1)
                 folder.write(kept, gone, stamp, stats)
                 print(f"{step}: {stats}", flush=True)
         elif folder.done.exists():
@@ -129,7 +132,7 @@ def finish(out: Path, pool: list[dict], used: list[tuple[str, StepDir]], args: a
     kept = read_jsonl(used[-1][1].kept) if used else pool
     gone = [e for _, folder in used for e in read_jsonl(folder.removed)]
     write_jsonl(out / "kept.jsonl", (as_limo(e) for e in kept))
-    write_jsonl(out / "removed.jsonl", (flat(e) for e in gone))
+    write_jsonl(out / "removed.jsonl", (as_removal(e) for e in gone))
     by_step = dict(used)
     scored = read_jsonl(by_step["score"].kept) if "score" in by_step else []
     rated = (read_jsonl(by_step["difficulty"].kept) + read_jsonl(by_step["difficulty"].removed)) if "difficulty" in by_step else []

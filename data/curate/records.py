@@ -96,14 +96,14 @@ class StepDir:
     def finished(self, stamp: dict) -> bool:
         return self.done.exists() and self.stamp() == stamp
 
-    def write(self, kept: list[dict], removed: list[dict], stamp: dict, stats: dict[str, Any]) -> None:
-        bad = [e["uid"] for e in removed if e.get("reason") not in REASONS]
+    def write(self, kept: list[dict], gone: list[dict], stamp: dict, stats: dict[str, Any]) -> None:
+        bad = [e["uid"] for e in gone if e.get("reason") not in REASONS]
         if bad:
             raise ValueError(f"{self.path}: removals without a known reason ({', '.join(REASONS)}): {bad[:3]}")
         self.path.mkdir(parents=True, exist_ok=True)
         self.done.unlink(missing_ok=True)
         write_jsonl(self.kept, kept)
-        write_jsonl(self.removed, removed)
+        write_jsonl(self.removed, gone)
         tmp = self.done.with_name("done.json.tmp")
         tmp.write_text(json.dumps({"stamp": stamp, "stats": stats}, indent=1), encoding="utf-8")
         os.replace(tmp, self.done)
@@ -112,7 +112,7 @@ class StepDir:
         return json.loads(self.done.read_text(encoding="utf-8"))["stats"]
 
 
-def removed(envelope: dict, reason: str, **details: Any) -> dict:
+def mark_removed(envelope: dict, reason: str, **details: Any) -> dict:
     """The envelope marked removed, with why."""
     return {**envelope, "reason": reason, **details}
 
@@ -131,9 +131,9 @@ def as_limo(envelope: dict) -> dict:
     return row | {"question": envelope["question"], "solution": envelope["chain"], "answer": envelope["answer"] or ""}
 
 
-def flat(envelope: dict) -> dict:
-    """What a downstream tool reads: the record's own fields, untouched, plus for a removal its
-    `reason`, the `benchmark` it was found in, and the evidence under `curation`."""
+def as_removal(envelope: dict) -> dict:
+    """A removal as downstream tools read it (DIR/removed.jsonl): the record's own fields, untouched,
+    plus its `reason`, the `benchmark` it was found in, and the evidence under `curation`."""
     row = dict(envelope["record"])
     if "reason" in envelope:
         row["reason"] = envelope["reason"]

@@ -27,7 +27,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from data.curate.records import removed
+from data.curate.records import mark_removed
 from eval.grading import extract_answer, is_equivalent
 
 TRAITS = ("elaborated", "self_verification", "exploratory", "granularity")
@@ -89,7 +89,7 @@ def score_chains(pool: list[dict], weights: dict[str, float] = DEFAULT_WEIGHTS, 
     with ThreadPoolExecutor(threads) as pool_threads:
         verdicts = list(pool_threads.map(_right, pool))
     right = [e for e, (_, ok) in zip(pool, verdicts) if ok]
-    gone = [removed(e, "wrong_answer", extracted=pred) for e, (pred, ok) in zip(pool, verdicts) if not ok]
+    gone = [mark_removed(e, "wrong_answer", extracted=pred) for e, (pred, ok) in zip(pool, verdicts) if not ok]
     raw = [traits(e["chain"]) for e in right]
     ranks = {name: percentiles([r[name] for r in raw]) for name in TRAITS} if right else {}
     total = sum(weights.values())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from data.curate.records import removed
+from data.curate.records import mark_removed
 from data.curate.text import jaccard, lsh_index, minhashes, ngrams, tokens, union_find
 
 DEFAULT_N = 817
@@ -54,7 +54,7 @@ def select_top(pool: list[dict], n: int = DEFAULT_N, per_cluster: int = 1, per_s
             per_src[e["source"]] += 1
     chosen = set(taken)
     kept = [{**pool[i], "rank": r, "family": pool[family[i]]["uid"]} for r, i in enumerate(taken, 1)]
-    gone = [removed({**e, "family": pool[family[i]]["uid"]}, "not_selected") for i, e in enumerate(pool) if i not in chosen]
+    gone = [mark_removed({**e, "family": pool[family[i]]["uid"]}, "not_selected") for i, e in enumerate(pool) if i not in chosen]
     stats = {"records": len(pool), "kept": len(kept), "not_selected": len(gone), "families": len(set(family)),
              "ranked_by": "score" if scored else "pool order", "source_cap": source_cap,
              "by_source": dict(sorted(Counter(pool[i]["source"] for i in taken).items()))}
