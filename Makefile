@@ -34,11 +34,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(INTERPRET) $(PY) -m pytest -q
 
-# The CI regression profile: deterministic CPU figures against the committed baseline. On a GPU,
-# also the kernel benchmarks' timings against benchmarks/results/<device>.json when one exists.
+# The CI regression profile: deterministic CPU figures against the committed baseline, and every
+# Triton kernel compiled for Hopper (sm_90) and Ampere (sm_80) without a GPU: a spill, or registers
+# past an occupancy step, against benchmarks/results/compile-sm*.json fails (kernels/compile_check.py;
+# it must run without TRITON_INTERPRET). On a GPU, also the kernel benchmarks' timings against
+# benchmarks/results/<device>.json when one exists.
 bench-ci: $(STAMP)
 	$(INTERPRET) $(PY) -m benchmarks.regression --out runs/bench-ci/regression.json
 	$(PY) -m benchmarks.compare runs/bench-ci/regression.json benchmarks/results/ci-baseline.json
+	for arch in 90 80; do \
+	  env -u TRITON_INTERPRET $(PY) -m kernels.compile_check --arch $$arch --json > runs/bench-ci/compile-sm$$arch.json && \
+	  $(PY) -m benchmarks.compare runs/bench-ci/compile-sm$$arch.json benchmarks/results/compile-sm$$arch.json || exit 1; \
+	done
 	$(if $(HAS_GPU),PYTHON=$(PY) OUT=runs/bench-ci bash benchmarks/gpu_suite.sh compare)
 
 clean:

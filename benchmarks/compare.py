@@ -2,7 +2,7 @@
 
     python -m benchmarks.compare RESULTS BASELINE [--tolerance 0.10]
 
-Two kinds of file:
+Three kinds of file:
   regression figures  {"figures": {name: value}} from benchmarks/regression.py, against
                       {"figures": {name: {"value": v, "rule": "equal" | "max" | "min", "tolerance": t}}}:
                       "equal" must stay within t (relative), "max" must not grow past v (1 + t),
@@ -12,6 +12,12 @@ Two kinds of file:
                       against the same kind of file from the same device: each key's median ms may
                       not grow past the baseline's by more than --tolerance. Records that could not
                       run ("unavailable"/"error") are reported, not compared.
+  compile checks      `python -m kernels.compile_check --arch A --json` against the committed
+                      benchmarks/results/compile-smA.json: a configuration fails when it spills and
+                      its baseline did not, or when its resident warps per SM (the occupancy its
+                      registers and shared memory allow) fall below the baseline's, i.e. its
+                      registers rose past the next occupancy step. A configuration the host code
+                      no longer chooses, or a new one, fails until the baseline is regenerated.
 A figure better than its baseline passes, with a note to update the baseline.
 """
 
@@ -83,6 +89,36 @@ def compare_records(results: dict, baseline: dict, tolerance: float) -> tuple[li
     return regressions, notes
 
 
+def compare_compile(results: dict, baseline: dict) -> tuple[list[str], list[str]]:
+    """(regressions, notes) for kernels.compile_check results of one architecture."""
+    if results["arch"] != baseline["arch"]:
+        raise ValueError(f"results are for sm_{results['arch']}, the baseline for sm_{baseline['arch']}")
+    arch = results["arch"]
+
+    def keyed(run: dict) -> dict[str, dict]:
+        return {f"{r['kernel']} {json.dumps(r['config'], sort_keys=True)}": r for r in run["kernels"]}
+
+    got, want = keyed(results), keyed(baseline)
+    regressions, notes = [], []
+    for key in sorted(got.keys() & want.keys()):
+        g, w = got[key], want[key]
+        if g["spill_bytes"] > w["spill_bytes"]:
+            regressions.append(f"sm_{arch} {key}: spills {g['spill_bytes']} bytes (baseline {w['spill_bytes']})")
+        if g["resident_warps"] < w["resident_warps"]:
+            regressions.append(f"sm_{arch} {key}: {g['registers']} registers, {g['shared_bytes']} bytes shared: "
+                               f"{g['resident_warps']} resident warps per SM, baseline {w['resident_warps']} "
+                               f"({w['registers']} registers, {w['shared_bytes']} bytes)")  # fmt: skip
+        elif g["resident_warps"] > w["resident_warps"]:
+            notes.append(f"sm_{arch} {key}: {g['resident_warps']} resident warps per SM, baseline {w['resident_warps']}: better; "
+                         "update the baseline")  # fmt: skip
+    regenerate = f"regenerate: env -u TRITON_INTERPRET python -m kernels.compile_check --arch {arch} --json > benchmarks/results/compile-sm{arch}.json"
+    for key in sorted(got.keys() - want.keys()):
+        regressions.append(f"sm_{arch} {key}: not in the baseline ({regenerate})")
+    for key in sorted(want.keys() - got.keys()):
+        regressions.append(f"sm_{arch} {key}: in the baseline, no longer compiled ({regenerate})")
+    return regressions, notes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path)
@@ -92,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     results, baseline = (json.loads(f.read_text()) for f in (args.results, args.baseline))
     if "figures" in baseline:
         regressions, notes = compare_figures(results, baseline)
+    elif "arch" in baseline:
+        regressions, notes = compare_compile(results, baseline)
     else:
         regressions, notes = compare_records(results, baseline, args.tolerance)
     for line in notes:

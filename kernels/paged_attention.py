@@ -225,13 +225,17 @@ def split_plan_for(batch: int, kv_heads: int, max_context_len: int, sms: int, nu
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
 
 
-def attention_consts(group: int, head_dim: int, page: int, splits: int, dtype: torch.dtype, interp: bool) -> dict:
-    """The decode kernel's constexprs for G query heads per KV head, a head dim, a page size, a split count and a dtype."""
-    return dict(
+def attention_launch(group: int, head_dim: int, page: int, splits: int, dtype: torch.dtype, interp: bool) -> tuple[dict, int]:
+    """(constexprs, num_warps) of the decode kernel for G query heads per KV head, a head dim, a page
+    size, a split count and a dtype. float32 K/V tiles are twice a half dtype's bytes and its dots
+    run on FMAs rather than tensor cores: 8 warps, where 4 spill on sm_80 at head dim 128
+    (kernels/compile_check.py)."""
+    consts = dict(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         PAGE=page, BLOCK=BLOCK_N, SPLIT=splits > 1, PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=dtype == torch.bfloat16 and interp, INTERP=interp,
     )
+    return consts, 8 if dtype == torch.float32 else 4
 
 
 def paged_attention_triton(
@@ -257,13 +261,14 @@ def paged_attention_triton(
     if B == 0:
         return out
     splits, partition = split_plan(B, Hkv, max_context_len, q.device, num_splits)
-    consts = attention_consts(Hq // Hkv, D, page, splits, q.dtype, interpreting())
+    consts, warps = attention_launch(Hq // Hkv, D, page, splits, q.dtype, interpreting())
     qk_scale = scale * math.log2(math.e)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     if splits == 1:
         _paged_attention_kernel[(B, Hkv, 1)](
             q, k_cache, v_cache, block_tables, context_lens, out, out, out, qk_scale, partition,
             q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0), out.stride(0), out.stride(1), 0, **consts,
+            num_warps=warps,
         )  # fmt: skip
         return out
     part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)  # unnormalised outputs
@@ -272,6 +277,7 @@ def paged_attention_triton(
     _paged_attention_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, m, l, qk_scale, partition,
         q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), **consts,
+        num_warps=warps,
     )  # fmt: skip
     _merge_splits_kernel[(B, Hq)](
         part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),

@@ -225,49 +225,14 @@ def test_fake_tensors_give_shapes_and_gradients_without_running(residual):
             rmsnorm(x, w[:5], 1e-6)
 
 
-# Run in a fresh interpreter without TRITON_INTERPRET, so the kernels are defined for the GPU.
-_GPU_BUILD = """
-import json
-import triton.language as tl
-from kernels.norm import _rmsnorm_bwd_kernel, _rmsnorm_fwd_kernel, _tiles
-from kernels.triton_common import compile_for_gpu
-
-FWD = dict(X="*bf16", R="*bf16", W="*bf16", Y="*bf16", S="*bf16", RSTD="*fp32", n_rows="i32", n_cols="i32",
-           stride_x="i32", stride_r="i32", stride_y="i32", stride_s="i32", eps="fp32")
-BWD = dict(DY="*bf16", DS="*bf16", S="*bf16", W="*bf16", RSTD="*fp32", DX="*bf16", DW_PARTIAL="*fp32", n_rows="i32",
-           n_cols="i32", stride_dy="i32", stride_ds="i32", stride_s="i32", stride_dx="i32")
-report = {}
-for width in (128, 4096, 5120, 8192):
-    block_m, block_n, warps = _tiles(16384, width, False)
-    for res in (False, True):
-        tiles = dict(ACC=tl.float32, BLOCK_M=block_m, BLOCK_N=block_n, INTERP=False)
-        report[f"fwd width={width} residual={res}"] = compile_for_gpu(_rmsnorm_fwd_kernel, FWD, dict(HAS_RESIDUAL=res, **tiles), warps)
-        report[f"bwd width={width} residual={res}"] = compile_for_gpu(_rmsnorm_bwd_kernel, BWD, dict(HAS_DY=True, HAS_DS=res, **tiles), warps)
-print(json.dumps(report))
-"""
-
-
 def test_kernels_build_for_hopper_with_16_byte_accesses_and_no_spills():
-    """No GPU needed: Triton's own ptxas compiles both kernels for sm_90 at the tiles the host picks
-    for bf16 rows of 128 (the tiny model) and 4096-8192 (Qwen2.5 widths)."""
-    report = build_for_gpu(_GPU_BUILD)
-    assert len(report) == 16
-    for name, r in report.items():
-        assert r["stack"] == 0 and r["local"] == 0, (name, r)  # no spills to local memory
-        assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], (name, r)  # 16-byte accesses
-        assert not any(op.endswith(".b16") for op in r["loads"] + r["stores"]), (name, r)  # no element-wise bf16 access
+    """No GPU needed: Triton's own ptxas compiles both kernels for sm_90 at every tile the host
+    picks for bf16 rows of Qwen2.5's widths (kernels/compile_check.py's configurations)."""
+    from tests.test_compile_check import compile_in_subprocess
 
-
-def build_for_gpu(script: str) -> dict:
-    """Run `script` in a fresh Python without TRITON_INTERPRET; return the JSON of its last line."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    rows = compile_in_subprocess(90, ("rmsnorm_fwd", "rmsnorm_bwd"), pointers=[["bf16", "fp32"]])
+    assert len(rows) == 20  # 4 tiles x (2 forwards + 3 backwards)
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r  # no spills to local memory
+        assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], r  # 16-byte accesses
+        assert not any(op.endswith(".b16") for op in r["loads"] + r["stores"]), r  # no element-wise bf16 access
