@@ -6,8 +6,9 @@ resume keeps the optimizer and schedule settings its checkpoint recorded. train.
 it right after the config loads, on every rank. A failure is a ConfigError, which exits with
 code 2: nothing has trained, been checkpointed or been exported yet.
 
-Hub ids cannot be checked offline. A string shaped like one (owner/name), where no such local
-path exists, is accepted, and the run fetches it later.
+A model hub id's config.json is fetched here (or, offline, a known Qwen2.5 id's built-in config
+stands in for it); any other id the hub does not answer is refused. Data hub ids are accepted by
+their shape (owner/name) and fetched later.
 """
 
 from __future__ import annotations
@@ -24,8 +25,20 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def preflight(cfg: Config) -> None:
     _check_paths(cfg)
+    _check_model(cfg)
     _check_benchmarks(cfg.eval.benchmarks)
     _check_checkpoints(cfg)
+
+
+def _check_model(cfg: Config) -> None:
+    """The model's architecture can be known without its weights: a folder's config.json, a hub
+    id's (fetched alone), or the built-in config of a known Qwen2.5 id when the hub does not answer."""
+    from engine.weights import WeightsError, model_args
+
+    try:
+        model_args(cfg)
+    except (WeightsError, ValueError) as e:  # ArchitectureError too: an unsupported config.json
+        raise ConfigError(f"model.path: {e}") from None
 
 
 def _check_paths(cfg: Config) -> None:

@@ -31,17 +31,34 @@ def test_a_path_or_benchmark_that_cannot_work_is_refused(tmp_path, overrides, me
     assert message in str(e.value)
 
 
+def test_a_model_that_cannot_be_known_offline_is_one_line(tmp_path, monkeypatch):
+    """An unknown hub id the hub does not answer, or a config.json of another architecture."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError) as e:
+        preflight(_cfg(tmp_path / "out", "--model.path=someone/unknown-model"))
+    assert "someone/unknown-model" in str(e.value) and "--model.preset=" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        preflight(_cfg(tmp_path / "out", f"--model.path={tmp_path / 'llama'}"))
+
+
 def test_a_model_folder_without_config_json_is_refused(tmp_path):
     (tmp_path / "model").mkdir()
     with pytest.raises(ConfigError, match="the folder has no config.json"):
         preflight(_cfg(tmp_path / "out", f"--model.path={tmp_path / 'model'}"))
 
 
-def test_hub_ids_existing_paths_and_known_benchmarks_pass(tmp_path):
-    """Hub ids cannot be checked offline: their shape is accepted."""
+def test_hub_ids_existing_paths_and_known_benchmarks_pass(tmp_path, monkeypatch):
+    """Offline, a known Qwen2.5 model id passes on its built-in config; a data hub id on its shape."""
+    from engine.model import PRESETS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     shared_path("data", "eval", "math", "test.jsonl")
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "config.json").write_text(json.dumps(PRESETS["tiny"].to_hf()))
     (tmp_path / "limo.jsonl").write_text("")
     preflight(_cfg(tmp_path / "out", "--model.path=Qwen/Qwen2.5-32B-Instruct", "--data.path=GAIR/LIMO",
                    "--eval.benchmarks=synthetic,math500,aime24=hf:owner/ds/test.jsonl"))  # fmt: skip
