@@ -4,6 +4,8 @@ tokens/s, and transformers' `generate` on the same model folder as the comparato
     python -m benchmarks.bench_sampler                          # the full sweep on one GPU (Qwen2.5-7B shapes)
     python -m benchmarks.bench_sampler --batches 1,64,256 --out sampler.json
     TRITON_INTERPRET=1 python -m benchmarks.bench_sampler --sweep smoke --kernels torch
+    python -m benchmarks.bench_sampler --host        # the host side per decode step, no GPU (bench_sampler_cpu.py)
+    python -m benchmarks.bench_sampler --contexts    # the CPU path's decode time by context
 
 The model has a real architecture's shapes and random weights, written to a temporary folder by
 engine.weights.save_pretrained without a tokenizer and without an EOS id, so prompts are token
@@ -212,7 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", choices=kernels.BACKENDS, default="auto", help="kernel backend of our sampler (default: auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--out", type=Path, default=None, help="JSON output path (default: print only)")
+    p.add_argument("--host", action="store_true", help="the host side per decode step, with a null model (bench_sampler_cpu.py)")
+    p.add_argument("--contexts", nargs="?", const="256,1024,4096",
+                   help="CPU time per decode step of the tiny model at these contexts (default 256,1024,4096)")
     args = p.parse_args(argv)
+    if args.host or args.contexts:
+        from benchmarks import bench_sampler_cpu
+
+        args.host_batches = tuple(int(b) for b in args.batches.split(",") if b) or (1, 64, 256)
+        args.contexts = [int(c) for c in (args.contexts or "").split(",") if c]
+        return bench_sampler_cpu.main(args)
     sweep = SWEEPS[args.sweep]
     batches = tuple(int(b) for b in args.batches.split(",") if b) or sweep.batches
     providers = [x for x in args.providers.split(",") if x]

@@ -16,6 +16,11 @@ the code that a careless change moves:
   planner_activation_error   |measured - engine.memory's model| / measured, without checkpointing
   logits_peak_fraction       the fused cross-entropy's largest live [*, V] bytes over full logits,
                              forward + backward, with the chunk budget forcing 8 chunks
+  sampler_host_us_per_step_b256  the sampler's host work per decode step at batch 256 (scheduling,
+                             block tables, slots, sampling inputs, stop checks: everything but the
+                             forward, with a null model; benchmarks/bench_sampler_cpu.py), this
+                             thread's CPU time. Baseline: the goal, 1 ms; it fails past 1.5 ms
+                             (machines differ), which O(context) work per step would cross
   host_syncs_per_step        scalar reads (.item(), bool(t), .tolist()) in one FSDP training step on
                              two micro-batches on CPU, outside kernels/reference.py (CPU-only); the
                              JSON lists each site. Expected: the step's one read of (loss, grad
@@ -286,6 +291,9 @@ def measure() -> dict:
     )
     syncs, where = host_syncs_per_step()
     figures["host_syncs_per_step"] = syncs
+    from benchmarks.bench_sampler_cpu import host_step
+
+    figures["sampler_host_us_per_step_b256"] = host_step(256)["host_us_per_step"]
     return {"figures": figures, "host_sync_sites": where}
 
 

@@ -69,3 +69,23 @@ def test_byte_accounting_by_hand():
 def test_bad_batches_are_refused():
     with pytest.raises(SystemExit, match=r"batches \[2\] must be among \[1, 3\]"):
         bench.main(["--sweep", "smoke", "--batches", "2"])
+
+
+def test_host_mode_measures_the_host_side_with_a_null_model(tmp_path, capsys):
+    """--host: a null model (fixed logits), 16 samples per prompt, a KV budget that preempts."""
+    out = tmp_path / "host.json"
+    assert bench.main(["--host", "--batches", "1,32", "--out", str(out)]) == 0
+    rows = {r["batch"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[1]["samples_per_prompt"] == 1 and rows[32]["samples_per_prompt"] == 16
+    assert rows[32]["preemptions"] > 0 and rows[32]["decode_steps"] > 90  # 96 new tokens, recomputes included
+    for r in rows.values():
+        assert 0 < r["host_us_per_step"] and r["host_us_per_sequence"] == pytest.approx(r["host_us_per_step"] / r["batch"])
+    assert "us per step" in capsys.readouterr().out
+
+
+def test_contexts_mode_times_decode_steps_by_context(tmp_path):
+    from benchmarks.bench_sampler_cpu import context_steps
+
+    rows = context_steps([32, 128], batch=4, new_tokens=3)
+    assert [r["context"] for r in rows] == [32, 128]
+    assert all(0 < r["attention_ms_per_step"] and 0 < r["ms_per_step"] for r in rows)

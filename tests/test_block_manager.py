@@ -11,11 +11,12 @@ from eval.sampler.block_manager import BlockManager
 
 
 class Seq:
-    """The two attributes the block manager reads."""
+    """The attributes the block manager reads."""
 
-    def __init__(self, num_tokens):
+    def __init__(self, num_tokens, table_row=-1):
         self.block_table = []
         self.tokens = num_tokens
+        self.table_row = table_row
 
     @property
     def num_tokens(self):
@@ -138,3 +139,26 @@ def test_random_workload_keeps_counts_consistent():
     for s in live:
         bm.free(s)
     assert bm.all_free()
+
+
+def test_the_logged_updates_rebuild_every_table():
+    """Replaying the (row, index, page) log into fresh tables gives every sequence's block table,
+    through allocation, forks, new pages and copy-on-write."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+    parent, tables = Seq(6, table_row=2), {}
+    bm.allocate(parent)
+    children = [Seq(6, table_row=r) for r in (0, 5)]
+    for child in children:
+        bm.share(parent, child)
+    for seq in (parent, *children):
+        for _ in range(7):
+            seq.tokens += 1
+            bm.append_slot(seq)
+    for row, index, page in bm.drain_table_updates():
+        tables.setdefault(row, {})[index] = page
+    for seq in (parent, *children):
+        assert [tables[seq.table_row][i] for i in range(len(seq.block_table))] == seq.block_table
+    assert bm.drain_table_updates() == []
+    unlogged = Seq(3)  # no table row: nothing logged
+    bm.allocate(unlogged)
+    assert bm.table_updates == []

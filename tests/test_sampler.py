@@ -95,7 +95,8 @@ def test_paged_decode_logits_match_dense_forward(hf_model, model_dir, triton_onl
     bm, runner = llm.block_manager, llm.runner
     bm.free_blocks.rotate(5)  # pages out of order
     seqs = [Sequence(p, SamplingParams(), 0, i) for i, p in enumerate(_prompts([7, 13], seed=2))]
-    for s in seqs:
+    for row, s in enumerate(seqs):
+        s.table_row = 1 - row  # table rows need not follow the batch order
         bm.allocate(s)
     logits = runner.prefill(seqs)
     for step in range(5):
@@ -105,6 +106,7 @@ def test_paged_decode_logits_match_dense_forward(hf_model, model_dir, triton_onl
         for s, t in zip(seqs, logits.argmax(-1).tolist()):
             s.token_ids.append(t)
             bm.append_slot(s)
+        runner.apply_table_updates(bm.drain_table_updates())  # what the scheduler's batch carries
         logits = runner.decode(seqs)
 
 

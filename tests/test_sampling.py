@@ -116,3 +116,14 @@ def test_sampling_params_name_the_bad_field(kwargs, match):
 
 def test_sampling_params_normalise_stop():
     assert SamplingParams(stop="###").stop == ("###",) and SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+
+
+def test_batched_noise_keys_equal_the_scalar_hash():
+    from eval.sampler.sampling import noise_keys
+
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**40 + 7, 2**63 + 5, 2**64 - 1]
+    rows = [(seed, j, pos) for seed in seeds for j in (0, 3, 2**31) for pos in (0, 1, 37, 2**31 + 9)]
+    hi = torch.tensor([s >> 32 for s, _, _ in rows])
+    lo = torch.tensor([s & M32 for s, _, _ in rows])
+    got = noise_keys(hi, lo, torch.tensor([j for _, j, _ in rows]), torch.tensor([p for _, _, p in rows]))
+    assert got.tolist() == [noise_key(s, j, p) for s, j, p in rows]

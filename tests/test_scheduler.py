@@ -35,17 +35,28 @@ def expected(prompt, params, sample_index):
 
 
 class FakeRunner:
-    def __init__(self, bm: BlockManager):
+    """Reads and writes pages through its own block tables, kept only from the batches' logged
+    updates (as the real runner's device tables are), never from the sequences' lists."""
+
+    def __init__(self, bm: BlockManager, max_num_seqs: int):
         self.bs = bm.block_size
         self.pages = [[None] * bm.block_size for _ in range(bm.num_blocks)]
+        self.tables = [dict() for _ in range(max_num_seqs)]
+
+    def _page(self, seq, pos):
+        return self.tables[seq.table_row][pos // self.bs]
 
     def _write(self, seq, pos):
-        self.pages[seq.block_table[pos // self.bs]][pos % self.bs] = seq.token_ids[pos]
+        self.pages[self._page(seq, pos)][pos % self.bs] = seq.token_ids[pos]
 
     def _read(self, seq):
-        return [self.pages[seq.block_table[p // self.bs]][p % self.bs] for p in range(seq.num_tokens)]
+        return [self.pages[self._page(seq, p)][p % self.bs] for p in range(seq.num_tokens)]
 
     def run(self, batch):
+        for row, index, page in batch.table_updates:
+            self.tables[row][index] = page
+        rows = [s.table_row for s in batch.targets]
+        assert len(set(rows)) == len(rows) and min(rows) >= 0, f"table rows {rows} are not one per running sequence"
         sources = [list(self.pages[src]) for src, _ in batch.copies]  # all reads before any write
         for (_, dst), page in zip(batch.copies, sources):
             self.pages[dst] = page
@@ -63,7 +74,7 @@ class FakeRunner:
 def run_all(requests, num_blocks, block_size=4, max_num_seqs=8, max_num_batched_tokens=64):
     bm = BlockManager(num_blocks, block_size)
     sched = Scheduler(bm, max_num_seqs, max_num_batched_tokens, StopChecker({EOS}))
-    runner = FakeRunner(bm)
+    runner = FakeRunner(bm, max_num_seqs)
     for i, (prompt, params) in enumerate(requests):
         sched.add(Sequence(prompt, params, seed=0, prompt_index=i))
     done, steps = [], 0

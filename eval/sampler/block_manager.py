@@ -4,6 +4,10 @@ Token i of a sequence lives in page `block_table[i // block_size]`. The n sample
 share the prompt's pages (each page's reference count says by how many sequences); a sample about
 to write into a shared, partly filled last page first gets its own copy (copy-on-write), so the
 siblings never see each other's tokens. Full pages are never written again, so they stay shared.
+
+Every entry written into a running sequence's table is also logged as (table row, index, page):
+the runner keeps the block tables on the device and applies only these changes each step,
+instead of rebuilding B x pages entries from Python lists (O(context) host work per step).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Protocol
 
 class PagedSequence(Protocol):
     block_table: list[int]
+    table_row: int  # its row in the device's block tables; -1: none (its entries are not logged)
 
     @property
     def num_tokens(self) -> int: ...
@@ -27,6 +32,7 @@ class BlockManager:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.table_updates: list[tuple[int, int, int]] = []  # (table row, index, page) since the last drain
 
     @property
     def num_free(self) -> int:
@@ -50,6 +56,15 @@ class BlockManager:
         if self.ref_counts[block] == 0:
             self.free_blocks.append(block)
 
+    def drain_table_updates(self) -> list[tuple[int, int, int]]:
+        """The table entries written since the last call, in order (a later write to a slot wins)."""
+        updates, self.table_updates = self.table_updates, []
+        return updates
+
+    def _log(self, seq: PagedSequence, start: int = 0) -> None:
+        if seq.table_row >= 0:
+            self.table_updates.extend((seq.table_row, i, seq.block_table[i]) for i in range(start, len(seq.block_table)))
+
     def can_allocate(self, num_tokens: int, reserve: int = 0) -> bool:
         """Whether a prefill of num_tokens fits and still leaves `reserve` pages free."""
         return self.blocks_for(num_tokens) + reserve <= self.num_free
@@ -62,12 +77,14 @@ class BlockManager:
         if needed > self.num_free:
             raise RuntimeError(f"{seq} needs {needed} pages, {self.num_free} free")
         seq.block_table = [self._take() for _ in range(needed)]
+        self._log(seq)
 
     def share(self, parent: PagedSequence, child: PagedSequence) -> None:
         """Give `child` the parent's pages (a fork: one more reference to each)."""
         for block in parent.block_table:
             self.ref_counts[block] += 1
         child.block_table = list(parent.block_table)
+        self._log(child)
 
     def _needs_block(self, seq: PagedSequence) -> bool:
         pos = seq.num_tokens - 1  # the slot the next decode step writes
@@ -85,10 +102,12 @@ class BlockManager:
         index = (seq.num_tokens - 1) // self.block_size
         if index == len(seq.block_table):
             seq.block_table.append(self._take())
+            self._log(seq, index)
             return None
         shared = seq.block_table[index]
         seq.block_table[index] = self._take()
         self._release(shared)
+        self._log(seq, index)
         return shared, seq.block_table[index]
 
     def free(self, seq: PagedSequence) -> None:

@@ -75,6 +75,16 @@ def _eos_token_ids(model_dir: Path, tokenizer: Any) -> set[int]:
     return ids
 
 
+def _check_sizes(*, memory_fraction: float, kv_cache_gib: float | None, **sizes: int | None) -> None:
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
+    if kv_cache_gib is not None and not kv_cache_gib > 0:
+        raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0")
+
+
 class LLM:
     """A model folder ready to sample from.
 
@@ -105,33 +115,60 @@ class LLM:
         tokenizer: str | os.PathLike | None = None,
     ):
         model_dir = Path(model_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _resolve_dtype(dtype, self.device)
-        sizes = {"block_size": block_size, "max_num_seqs": max_num_seqs, "num_blocks": num_blocks, "max_model_len": max_model_len,
-                 "max_num_batched_tokens": max_num_batched_tokens}
-        for name, value in sizes.items():
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if not 0 < memory_fraction <= 1:
-            raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
-        if kv_cache_gib is not None and not kv_cache_gib > 0:
-            raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0")
-        self.model = load_pretrained(model_dir, dtype=self.dtype, device=self.device).eval()
-        self.tokenizer = _load_tokenizer(Path(tokenizer) if tokenizer is not None else model_dir)
-        if tokenizer is not None and self.tokenizer is None:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_sizes(block_size=block_size, max_num_seqs=max_num_seqs, num_blocks=num_blocks, max_model_len=max_model_len,
+                     max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib)
+        model = load_pretrained(model_dir, dtype=_resolve_dtype(dtype, device), device=device).eval()
+        loaded = _load_tokenizer(Path(tokenizer) if tokenizer is not None else model_dir)
+        if tokenizer is not None and loaded is None:
             raise ValueError(f"tokenizer={tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) there")
-        self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer)
-        trained = self.model.args.max_position_embeddings
+        self._setup(model, loaded, _eos_token_ids(model_dir, loaded), str(model_dir / "config.json"), block_size=block_size,
+                    num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                    max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
+                    cuda_graphs=cuda_graphs)  # fmt: skip
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        tokenizer: Any = None,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        memory_fraction: float = 0.9,
+        kv_cache_gib: float | None = None,
+        cuda_graphs: bool = True,
+    ) -> LLM:
+        """A sampler around a model already in memory (tests, benchmarks: benchmarks/bench_sampler.py
+        --host drives it with a null model to measure everything but the forward)."""
+        _check_sizes(block_size=block_size, max_num_seqs=max_num_seqs, num_blocks=num_blocks, max_model_len=max_model_len,
+                     max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib)
+        llm = cls.__new__(cls)
+        llm._setup(model, tokenizer, set(eos_token_ids), type(model).__name__, block_size=block_size, num_blocks=num_blocks,
+                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                   memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib, cuda_graphs=cuda_graphs)  # fmt: skip
+        return llm
+
+    def _setup(self, model: Any, tokenizer: Any, eos_token_ids: set[int], source: str, *, block_size: int, num_blocks: int | None,
+               max_num_seqs: int, max_model_len: int | None, max_num_batched_tokens: int | None, memory_fraction: float,
+               kv_cache_gib: float | None, cuda_graphs: bool) -> None:  # fmt: skip
+        self.model, self.tokenizer, self.eos_token_ids = model, tokenizer, eos_token_ids
+        self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        trained = model.args.max_position_embeddings
         if max_model_len is not None and max_model_len > trained:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={trained} "
-                             f"({model_dir / 'config.json'}): RoPE positions past it were never trained")
+                             f"({source}): RoPE positions past it were never trained")
         self.max_model_len = max_model_len or trained
         max_num_batched_tokens = max_num_batched_tokens or self.max_model_len
         if max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_model_len={self.max_model_len}: a preempted "
                              "sequence is recomputed in one prefill, so it must fit one step")
         self.runner = ModelRunner(
-            self.model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+            model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
             cuda_graphs=cuda_graphs,
         )  # fmt: skip

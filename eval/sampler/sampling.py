@@ -30,6 +30,13 @@ def noise_key(seed: int, sample_index: int, position: int) -> int:
     return mix32(h ^ (seed & M32))
 
 
+def noise_keys(seed_hi: torch.Tensor, seed_lo: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """noise_key for a whole batch at once, from the seeds' 32-bit halves ([B] int64 each): the
+    same values, as one short chain of tensor ops instead of three Python hashes per row."""
+    h = mix32(seed_hi ^ mix32(sample_index & M32 ^ mix32(position & M32)))
+    return mix32(h ^ seed_lo)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_hash = mix32((torch.arange(vocab_size, dtype=torch.int64, device=device) + _GOLDEN) & M32)  # [V]

@@ -25,7 +25,9 @@ class Batch:
     """One step: `seqs` run through the model; `targets[i]` gets the token sampled from logits row `rows[i]`.
 
     A prefill has one row per prompt, shared by the n samples forked from it. `copies` are
-    (src, dst) pages to copy before the step (copy-on-write of shared partial pages).
+    (src, dst) pages to copy before the step (copy-on-write of shared partial pages);
+    `table_updates` the block-table entries written since the last step, for the runner's
+    persistent tables (each running sequence owns one table row, `seq.table_row`).
     """
 
     seqs: list[Sequence]
@@ -33,6 +35,7 @@ class Batch:
     targets: list[Sequence]
     rows: list[int]
     copies: list[tuple[int, int]] = field(default_factory=list)
+    table_updates: list[tuple[int, int, int]] = field(default_factory=list)  # (table row, index, page) to apply first
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +51,7 @@ class Scheduler:
         self.reserve = int(WATERMARK * block_manager.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))  # table rows, a stack: at most max_num_seqs run at once
         self.num_preemptions = 0
 
     @property
@@ -76,7 +80,14 @@ class Scheduler:
         batch = self._schedule_prefill() or self._schedule_decode()
         if not batch.seqs:
             raise RuntimeError(f"nothing could be scheduled: {len(self.waiting)} waiting, {self.block_manager.num_free} pages free")
+        batch.table_updates = self.block_manager.drain_table_updates()
         return batch
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the sequence's pages and its table row."""
+        self.block_manager.free(seq)
+        self.free_rows.append(seq.table_row)
+        seq.table_row = -1
 
     def _schedule_prefill(self) -> Batch | None:
         bm = self.block_manager
@@ -91,10 +102,12 @@ class Scheduler:
                     or not bm.can_allocate(seq.num_tokens, reserve)):  # fmt: skip
                 break
             self.waiting.popleft()
+            seq.table_row = self.free_rows.pop()
             bm.allocate(seq)
             seq.status = Status.RUNNING
             group = [seq] + [seq.fork(j) for j in range(1, seq.num_forks)]
             for child in group[1:]:
+                child.table_row = self.free_rows.pop()
                 bm.share(seq, child)
             seq.num_forks = 1
             targets += group
@@ -126,7 +139,7 @@ class Scheduler:
         return Batch(scheduled, False, scheduled, list(range(len(scheduled))), copies)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        self._release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -140,14 +153,16 @@ class Scheduler:
             if reason is not None:
                 seq.finish_reason = reason
                 seq.status = Status.FINISHED
-                self.block_manager.free(seq)
-                self.running.remove(seq)
+                self._release(seq)
                 finished.append(seq)
+        if finished:  # one pass over the running queue, not a scan per finished sequence
+            self.running = deque(s for s in self.running if s.status is not Status.FINISHED)
         return finished
 
     def abort_all(self) -> None:
         """Drop every request and free its pages (after an error mid-generation)."""
         for seq in self.running:
-            self.block_manager.free(seq)
+            self._release(seq)
         self.running.clear()
         self.waiting.clear()
+        self.block_manager.drain_table_updates()

@@ -84,8 +84,11 @@ class Sequence:
         self.sample_index = sample_index
         self.num_forks = params.n if sample_index == 0 else 1
         self.block_table: list[int] = []
+        self.table_row = -1  # this sequence's row in the runner's persistent block tables while it runs
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        seed &= (1 << 64) - 1  # the noise key's halves, split once (sampling.noise_keys hashes them per step)
+        self.seed_hi, self.seed_lo = seed >> 32, seed & 0xFFFFFFFF
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, prompt={self.prompt_index}, sample={self.sample_index}, {self.status.name}, "
