@@ -117,7 +117,7 @@ def _signature(**types: str) -> tuple[tuple[str, str], ...]:
 
 def _rmsnorm_builds() -> dict[Build, set[str]]:
     builds: dict[Build, set[str]] = {}
-    for name, dtype in DTYPES.items():
+    for name in DTYPES:
         for hidden in sorted({m[1] for m in QWEN25}):
             block_m, block_n, warps = norm._tiles(TOKENS, hidden, interp=False)
             tiles = dict(ACC=tl.float32, BLOCK_M=block_m, BLOCK_N=block_n, INTERP=False)
@@ -152,9 +152,10 @@ def _cross_entropy_builds() -> dict[Build, set[str]]:
 
 
 def split_counts(target: Target) -> set[int]:
-    """The split counts paged attention's plan picks on this target, for the sampler's batch
-    buckets (powers of two up to 256) and every context up to 32k in 64-token tiles (the plan sees
-    the context only through them). Batch 1 alone already reaches every count from 1 to MAX_SPLITS."""
+    """The split counts paged attention's plan picks on this target, for decode batches of 1, 2,
+    4, ..., 256 and every context up to 32k in 64-token tiles (the plan sees the context only
+    through them). Batch 1 alone already reaches every count from 1 to MAX_SPLITS; larger
+    batches only lower the count."""
     counts = set()
     for kv_heads in sorted({m[3] for m in QWEN25}):
         for sms in target.sms:

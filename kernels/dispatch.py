@@ -83,7 +83,7 @@ def path_of(t: torch.Tensor) -> tuple[str, bool]:
     return t.device.type, fake_or_traced(t)
 
 
-def triton_unavailable(device_type: str, fake: bool = False) -> str | None:
+def _triton_unavailable(device_type: str, fake: bool = False) -> str | None:
     """None when the Triton kernels can run on (or, for fake tensors, be traced for) `device_type`, else why not."""
     if device_type == "cuda":
         return None if fake or torch.cuda.is_available() else "no CUDA device is available"
@@ -119,7 +119,7 @@ def backend(device_type: str | None = None, fake: bool = False) -> str:
     key = (device_type, fake)
     if key not in _resolved:
         requested, source = _setting["requested"], _setting["source"]
-        reason = triton_unavailable(device_type, fake)
+        reason = _triton_unavailable(device_type, fake)
         if requested == "triton" and reason:
             raise RuntimeError(f"kernel backend 'triton' (from {source}) cannot run on {device_type}: {reason}")
         _resolved[key] = requested if requested != "auto" else ("torch" if reason else "triton")

@@ -108,6 +108,10 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _tiles(n_rows: int, n_cols: int, interp: bool) -> tuple[int, int, int]:
     """(BLOCK_M rows per program, BLOCK_N >= width, num_warps), for the GPU or (`interp`) the interpreter.
 
@@ -175,8 +179,7 @@ def rmsnorm_fwd(
     n_rows = x2.shape[0]
     y = torch.empty(n_rows, n_cols, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     s = torch.empty_like(x2) if residual is not None else x2
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rstd = torch.empty(n_rows, dtype=acc, device=x.device)
+    rstd = torch.empty(n_rows, dtype=_acc_torch_dtype(x.dtype), device=x.device)
     if n_rows:
         block_m, block_n, warps = _tiles(n_rows, n_cols, interpreting())
         _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
@@ -228,10 +231,6 @@ def rmsnorm_bwd(
 # inputs: without a residual the sum s is x itself, so that op returns (y, rstd) only.
 
 
-def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("limo::rmsnorm", mutates_args=())
 def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y [..., N], rstd [M])."""
@@ -256,8 +255,8 @@ def _rmsnorm_residual_op(
 
 @_rmsnorm_residual_op.register_fake
 def _rmsnorm_residual_fake(x, residual, weight, eps):
-    y, rstd = _rmsnorm_fake(x, weight, eps)
     _check(x, weight, eps, residual)
+    y, rstd = _rmsnorm_fake(x, weight, eps)
     return y, torch.empty_like(x), rstd
 
 

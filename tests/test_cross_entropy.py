@@ -10,7 +10,13 @@ import torch.nn.functional as F
 import kernels
 from kernels import cross_entropy as CE_MODULE
 from kernels import reference
-from kernels.cross_entropy import CPU_LOGITS_BUDGET_BYTES, LOGITS_BUDGET_BYTES, chunk_tokens, fused_linear_cross_entropy, linear_cross_entropy_fwd
+from kernels.cross_entropy import (
+    CPU_LOGITS_BUDGET_BYTES,
+    LOGITS_BUDGET_BYTES,
+    chunk_tokens,
+    fused_linear_cross_entropy,
+    linear_cross_entropy_fwd,
+)
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

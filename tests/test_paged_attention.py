@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
 from kernels import paged_attention as pa
+from kernels import reference
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
