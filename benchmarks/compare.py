@@ -100,6 +100,9 @@ def compare_compile(results: dict, baseline: dict) -> tuple[list[str], list[str]
 
     got, want = keyed(results), keyed(baseline)
     regressions, notes = [], []
+    if results.get("triton") != baseline.get("triton"):
+        notes.append(f"compiled with Triton {results.get('triton')}, the baseline with {baseline.get('triton')}: another compiler "
+                     "may allocate registers differently (regenerate the baseline with the change that moves Triton)")  # fmt: skip
     for key in sorted(got.keys() & want.keys()):
         g, w = got[key], want[key]
         if g["spill_bytes"] > w["spill_bytes"]:
