@@ -33,6 +33,10 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, state_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
+        # The step count is host data: kept here as an int (the "step" tensor in the state is its
+        # copy for the checkpoint format), so a step never reads a tensor back: no host sync, and
+        # it runs on fake tensors (engine/simulate.py), where no value can be read.
+        self.steps: dict[torch.Tensor, int] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,7 +51,7 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
                 state["step"] += 1
-                step = state["step"].item()  # host sync: the step count lives on CPU, costs nothing
+                step = self.steps[p] = self.steps.get(p, 0) + 1
                 # Work on local shards: the update is elementwise, so sharding does not matter.
                 compute = torch.promote_types(p.dtype, torch.float32)
                 param, grad = _local(p), _local(p.grad).to(compute)
@@ -64,10 +68,12 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
         """torch casts loaded moments to the parameter's dtype (fp32): store them in ours again
         (bf16 -> fp32 -> bf16 is exact), or a resumed run would hold fp32 moments from then on."""
         super().load_state_dict(state_dict)
-        for state in self.state.values():
+        for p, state in self.state.items():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(self.state_dtype)
+            if "step" in state:
+                self.steps[p] = int(state["step"])  # host sync, once, on load
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
