@@ -24,8 +24,10 @@ While torch.compile traces, every tensor is fake. The choice is a constant to to
 
 A torch built without CUDA (the CPU wheel CI installs) cannot index fake CUDA tensors or
 differentiate through them: both ask for a CUDA device guard that only a CUDA build registers.
-There, `meta_as("cuda")` makes meta tensors (fake or not) take the CUDA path instead: the same
-ops, traced on a device every build has.
+There, `as_device("cuda")` makes tensors without values (meta tensors, and fake tensors of any
+device) take the CUDA path instead: the same ops, traced on a device every build has. The full
+model's simulated training step (engine/simulate.py) runs on fake CPU tensors this way, because
+FSDP2 refuses meta parameters.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ _resolved: dict[tuple[str, bool], str] = {}  # (device type, fake) -> "triton" |
 _attention: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> attention backend
 
 
-_meta_as: list[str] = []  # the device type meta tensors stand for, innermost meta_as last
+_as_device: list[str] = []  # the device type value-less tensors stand for, innermost as_device last
 
 
 def fake_or_traced(t: torch.Tensor) -> bool:
@@ -66,20 +68,21 @@ def shapes_only(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def meta_as(device_type: str) -> Iterator[None]:
-    """Inside this block meta tensors take `device_type`'s path (its kernel and attention backends)."""
-    _meta_as.append(device_type)
+def as_device(device_type: str) -> Iterator[None]:
+    """Inside this block, tensors that hold no values (meta, or fake on any device) take
+    `device_type`'s path: its kernel and attention backends. Real tensors keep their own."""
+    _as_device.append(device_type)
     try:
         yield
     finally:
-        _meta_as.pop()
+        _as_device.pop()
 
 
 def path_of(t: torch.Tensor) -> tuple[str, bool]:
     """(device type whose path `t` takes, whether `t` only has a shape): its own device, or for a
-    meta tensor inside meta_as(...), the device it stands for."""
-    if t.device.type == "meta" and _meta_as:
-        return _meta_as[-1], True
+    value-less tensor inside as_device(...), the device it stands for."""
+    if _as_device and (t.device.type == "meta" or is_fake(t)):
+        return _as_device[-1], True
     return t.device.type, fake_or_traced(t)
 
 

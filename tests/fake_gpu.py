@@ -2,7 +2,7 @@
 
 Fake CUDA tensors where torch is built with CUDA (the GPU machine). A CPU-only torch (the wheel CI
 installs) cannot index fake CUDA tensors or differentiate through them (both ask for a CUDA device
-guard only a CUDA build registers), so there meta tensors stand for CUDA (kernels.dispatch.meta_as):
+guard only a CUDA build registers), so there meta tensors stand for CUDA (kernels.dispatch.as_device):
 the dispatch, the ops and their fake implementations are the same.
 """
 
@@ -22,5 +22,5 @@ GPU_DEVICE = "cuda" if torch.backends.cuda.is_built() else "meta"
 @contextlib.contextmanager
 def fake_gpu() -> Iterator[torch.device]:
     """Yields the device to build fake tensors on; inside, they take the CUDA path and nothing runs."""
-    with FakeTensorMode(), dispatch.meta_as("cuda"):
+    with FakeTensorMode(), dispatch.as_device("cuda"):
         yield torch.device(GPU_DEVICE)

@@ -147,11 +147,17 @@ def test_fake_cuda_tensors_follow_a_named_torch_backend(monkeypatch):
         assert dispatch.kernel_backend(torch.empty(4, 8, device="cuda")) == "torch"
 
 
-def test_meta_tensors_stand_for_cuda_only_when_asked():
+def test_value_less_tensors_stand_for_cuda_only_when_asked():
+    """Meta tensors, and fake tensors of any device (the simulated training step's fake CPU
+    parameters), take the CUDA path inside as_device("cuda"); real tensors keep their own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     kernels.set_backend("auto")
     t = torch.empty(4, 8, device="meta")
     assert dispatch.kernel_backend(t) == "torch"  # no Triton path for meta tensors
-    with dispatch.meta_as("cuda"):
+    with dispatch.as_device("cuda"):
         assert dispatch.path_of(t) == ("cuda", True) and dispatch.kernel_backend(t) == "triton"
         assert dispatch.path_of(torch.empty(2)) == ("cpu", False)
+        with FakeTensorMode():
+            assert dispatch.path_of(torch.empty(2)) == ("cuda", True)
     assert dispatch.path_of(t) == ("meta", False)
