@@ -171,7 +171,7 @@ def train_step(model, optimizer, batches: list[MicroBatch], divisor: int, max_gr
     step must compute what training computes.
     """
     marks.mark()
-    loss_value, norm_value = engine_train_step(model, batches, divisor, device, max_grad_norm)  # ends in its host sync
+    loss_value, norm_value = engine_train_step(model, batches, divisor, device, max_grad_norm).tolist()  # the step's host sync
     marks.mark()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         raise RuntimeError(f"non-finite loss {loss_value} or grad norm {norm_value}")

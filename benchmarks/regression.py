@@ -222,7 +222,9 @@ def _count_host_syncs(counts: list[str]):
     """Record every scalar read (.item(), float(t), bool(t), .tolist()) outside kernels/reference.py."""
 
     def where() -> str:
-        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename and "regression.py" not in f.filename]
+        """The innermost caller in this repository, outside torch and this counter."""
+        frames = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(str(ROOT)) and "/torch/" not in f.filename
+                  and f.name not in ("where", "counted_tolist", "__torch_dispatch__")]  # fmt: skip
         return f"{Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno}" if frames else "?"
 
     class Scalars(TorchDispatchMode):
@@ -271,7 +273,7 @@ def host_syncs_per_step() -> tuple[int, list[str]]:
         assert len(batch.micro_batches) >= 2, "the profile must accumulate over micro-batches"
         counts: list[str] = []
         with _count_host_syncs(counts):
-            train_step(model, batch.micro_batches, batch.num_label_tokens, d.device, max_grad_norm=1.0)
+            train_step(model, batch.micro_batches, batch.num_label_tokens, d.device, max_grad_norm=1.0).tolist()  # as train.py reads it
         outside = [c for c in counts if not c.startswith("kernels/reference.py")]
         return len(outside), outside
     finally:

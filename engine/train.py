@@ -49,13 +49,14 @@ def parse_args(argv: list[str]) -> Config:
     return load_config(argv[1], argv[2:])
 
 
-def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device: torch.device, max_grad_norm: float) -> tuple[float, float]:
+def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device: torch.device, max_grad_norm: float) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm).
 
     `divisor` is the number of supervised tokens of the whole global batch (all micro-batches,
     all ranks): each micro-batch's summed loss is divided by it, so gradients add up over
-    micro-batches and ranks to the gradient of the global mean. The step's one host sync reads
-    both numbers together.
+    micro-batches and ranks to the gradient of the global mean. Returns both numbers as one [2]
+    tensor on the device, without a host sync: the caller reads them, once (engine/simulate.py
+    runs this very function on fake tensors, which hold nothing to read).
     """
     loss_sum = torch.zeros((), device=device)
     for mb in micro_batches:
@@ -66,8 +67,7 @@ def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     dist.all_reduce(loss_sum)
     norm = grad_norm.full_tensor().to(device)  # on the host under CPU offload
-    loss_value, norm_value = torch.stack([loss_sum / divisor, norm]).tolist()  # host sync
-    return loss_value, norm_value
+    return torch.stack([loss_sum / divisor, norm])
 
 
 def train(cfg: Config) -> None:
@@ -150,7 +150,7 @@ def train(cfg: Config) -> None:
     model.train()
     for batch in loader if step < total_steps else ():
         divisor = max(batch.num_label_tokens, 1)
-        loss_value, norm_value = train_step(model, batch.micro_batches, divisor, d.device, cfg.train.max_grad_norm)
+        loss_value, norm_value = train_step(model, batch.micro_batches, divisor, d.device, cfg.train.max_grad_norm).tolist()  # host sync
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             optimizer.step()
             bad_steps = 0
