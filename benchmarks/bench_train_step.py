@@ -10,7 +10,7 @@ micro-batch, clip, one host sync, AdamW) on the engine's own pieces: the LIMO re
 (bf16 compute, fp32 master weights and reduce), engine/optim.py's optimizer. The model is the
 32B preset with `num_layers=k`, randomly initialised on the device. The micro-batches are
 synthetic token ids packed by data/packing.py into 16,384-token streams, with sample lengths drawn
-from the long-CoT proxy (benchmarks/lengths.py); every config runs the same micro-batches.
+from the long-CoT proxy (data/lengths.py); every config runs the same micro-batches.
 
 Reported per config: step time and its phases (forward+backward+clip+sync, then AdamW),
 tokens/s, MFU as ANCHORS.md counts it (causal attention) and torchtitan's, the peak memory
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import lengths as length_dist
+from data import lengths as length_dist
 from benchmarks.harness import SCHEMA, Record, Unavailable, environment, finish, measure_ceilings
 from benchmarks.kernel_choice import kernel_choice
 from data.dataset import EncodedSample

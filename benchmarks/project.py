@@ -10,7 +10,7 @@ give achieved rates: R_layer = F_layer(bench) / per_layer, R_head = F_head(bench
 
 The recipe (configs/limo_qwen2.5_32b_8xh100.toml): 817 samples, 15 epochs, 32 samples per step,
 micro-batches of at most 16,384 tokens, 8 GPUs. Sample lengths: 817 draws from the long-CoT proxy
-(benchmarks/lengths.py), capped at 16,384. The engine's own loader and packer (data/loader.py,
+(data/lengths.py), capped at 16,384. The engine's own loader and packer (data/loader.py,
 data/packing.py) lay out every step's micro-batches on every rank. Then, with P the parameters:
     t(mb)     = 64 * F_layer(mb) / R_layer + F_head(mb) / R_head
     compute_i = max over ranks of t(micro-batch i)           (ranks meet at every layer's collectives)
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import lengths as length_dist
+from data import lengths as length_dist
 from benchmarks.bench_train_step import RECIPE, head_flops, layer_flops
 from engine.config import load_config
 from engine.memory import H100_80GB_GIB, plan_memory

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import bench_train_step as bench
-from benchmarks import lengths
+from data import lengths
 from engine.model import build_model
 
 SMOKE = bench.SWEEPS["smoke"]

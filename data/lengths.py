@@ -1,7 +1,7 @@
-"""The long chain-of-thought length distribution the benchmarks draw packed micro-batches from.
+"""The long chain-of-thought length distribution that benchmarks and the simulated step draw packed micro-batches from.
 
-    python -m benchmarks.lengths --check      # re-derive from ../shared and compare with the committed file
-    python -m benchmarks.lengths --write      # re-derive and overwrite benchmarks/data/long_cot_lengths.json
+    python -m data.lengths --check      # re-derive from ../shared and compare with the committed file
+    python -m data.lengths --write      # re-derive and overwrite data/long_cot_lengths.json
 
 Why a proxy: the GPU machine sees only the repository, not ../shared, and the LIMO set itself is
 not in ../shared. Its nearest stand-in there is the Sky-T1 long-CoT outputs in
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_FILE = Path(__file__).resolve().parent / "data" / "long_cot_lengths.json"
+DATA_FILE = Path(__file__).resolve().parent / "long_cot_lengths.json"
 SHARED = ROOT.parent / "shared"
 GRADED = Path("data/graded_outputs/skythought_qwen25math_harness")
 TOKENIZER = Path("data/tokenizers/qwen2.5")
@@ -72,7 +72,7 @@ def describe(per_source: dict[str, list[int]]) -> dict:
     capped = [min(n, LIMO_CUTOFF) for n in every]
     return {
         "how": (
-            "python -m benchmarks.lengths --write: each record of the sources (user: question, assistant: code[0]) rendered "
+            "python -m data.lengths --write: each record of the sources (user: question, assistant: code[0]) rendered "
             "with the Qwen2.5 chat template (default system prompt) and tokenized with the Qwen2.5 tokenizer, as "
             "data.chat.encode does; token counts only, uncapped, in file order"
         ),
@@ -93,7 +93,7 @@ def load(path: Path = DATA_FILE) -> list[int]:
         payload = json.loads(path.read_text())
         lengths = [n for per_source in payload["lengths"].values() for n in per_source]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a length distribution written by `python -m benchmarks.lengths --write` ({e!r})") from None
+        raise ValueError(f"{path}: not a length distribution written by `python -m data.lengths --write` ({e!r})") from None
     bad = [n for n in lengths if not isinstance(n, int) or n < 1]
     if not lengths or bad:
         raise ValueError(f"{path}: lengths must be positive integers (bad: {bad[:5]}, count {len(lengths)})")
@@ -109,7 +109,7 @@ def draw(count: int, seed: int, cap: int = LIMO_CUTOFF, scale: float = 1.0, leng
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lengths", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m data.lengths", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--shared", type=Path, default=SHARED, help="the shared folder (default: ../shared beside the repo)")
     mode = p.add_mutually_exclusive_group(required=True)

@@ -1,10 +1,10 @@
-"""benchmarks/lengths.py: the committed long-CoT lengths are what the script derives from ../shared."""
+"""data/lengths.py: the committed long-CoT lengths are what the script derives from ../shared."""
 
 import json
 
 import pytest
 
-from benchmarks import lengths
+from data import lengths
 from tests.conftest import shared_path
 
 
