@@ -155,67 +155,68 @@ def plan_memory(
     baseline_gib = (CPU_PROCESS_BASELINE_GIB if on_cpu else 0.0) if baseline_gib is None else baseline_gib
     shard = world_size // p.dp_replicate
     cb = 2 if cfg.train.dtype == "bfloat16" else 4  # compute (gathered parameter) bytes
-    state_bytes = 2 if cfg.optim.state_dtype == "bfloat16" else 4
     T, H, V, L = cfg.data.tokens_per_microbatch, args.hidden_size, args.vocab_size, args.num_layers
 
     n_total = args.num_params()
     n_head = 0 if args.tie_word_embeddings else V * H
     n_block = (n_total - V * H - n_head - H) // L
-    on_device = 0 if p.cpu_offload else 1
+    n_head_group = V * H + H  # [norm, lm_head]; tied, the root group: the embedding (the head) and the norm
+    static = _static_state(cfg, n_total, shard)
 
-    static = {
-        "params (sharded fp32)": on_device * n_total * 4 / shard,
-        "grads (sharded fp32)": on_device * n_total * 4 / shard,
-        "optimizer (sharded moments)": on_device * 2 * n_total * state_bytes / shard,
-    }
+    # What each layer keeps for backward: its input when checkpointed, else all it saves.
     per_layer = layer_activation_bytes_per_token(args, cb, path) * T
-    boundary = T * H * cb  # what a checkpointed layer keeps: its input
-    if p.activation_checkpointing == "full":
-        checkpointed = L
-    elif p.activation_checkpointing == "selective":
-        checkpointed = math.ceil(L / 2)
-    else:
-        checkpointed = 0
-    saved_all = checkpointed * boundary + (L - checkpointed) * per_layer
-    # Gathered weights: with reshard_after_forward every block is freed after use; otherwise
-    # (ZeRO-2) all stay gathered until backward.
-    blocks_gathered = (1 + p.prefetch) if p.reshard_after_forward else L
-    all_gather_staging = n_block * cb  # a prefetch's flat all-gather output before copy-out
-    block_grads = n_block * cb + 2 * n_block * 4  # unsharded grads + fp32 reduce-scatter inputs (current, in flight)
+    boundary = T * H * cb
+    checkpointed = [p.activation_checkpointing == "full" or (p.activation_checkpointing == "selective" and i % 2 == 0) for i in range(L)]
+    kept = [boundary if ck else per_layer for ck in checkpointed]
+    head_saves = T * H * cb + T * 4  # the final norm's input and fp32 rstd
 
+    # The head's group, gathered, and the forward's last all-gather output: FSDP2 frees one only at
+    # the next group's copy-out. Untied, the head's own group is gathered last; tied, the head is
+    # the root group's embedding, gathered first, and the last is the last block's.
+    last_gather = (n_block if args.tie_word_embeddings else n_head_group) * cb
+    gathered_head = {"gathered head": n_head_group * cb, "last all-gather output": last_gather if shard > 1 else 0}
     dtype = torch.bfloat16 if cb == 2 else torch.float32
     chunk = chunk_tokens(T, V, dtype, device_type=path.device)  # the kernel's own rule
     # A half chunk's fp32 working copy, one at a time: the torch twin computes its loss in fp32,
     # and a CPU's matmuls take half operands to fp32 (no fp32-output half matmuls there), the head too.
     chunk_copies = chunk * V * 4 if cb < 4 and (path.kernels == "torch" or on_cpu) else 0
     head_upcast = V * H * 4 if on_cpu and cb < 4 else 0
-    gathered_head = (n_head or V * H) * cb + n_block * cb  # the head, and the last block prefetched for backward
-    if on_cpu:  # gloo's all-gather output of the head group stays alive beside the unsharded head (measured)
-        gathered_head += (n_head or V * H) * cb
-    ce_fp32 = V * H * 4 + T * H * 4  # fused cross-entropy's fp32 dweight and dhidden
-    head_forward = {
-        **static,
-        "gathered weights (head + next block)": gathered_head,
-        "saved activations": saved_all,
-        "loss head (logits chunk + fp32 grads)": chunk * V * cb + chunk_copies + head_upcast + ce_fp32,
-    }
-    head_backward = {
-        **static,
-        "gathered weights (head + next block)": gathered_head,
-        "saved activations": saved_all,
-        "loss head (fp32 grads + casts)": ce_fp32 + V * H * cb + T * H * cb,
-    }
+    ce_fp32 = V * H * 4 + T * H * 4  # the fused cross-entropy's fp32 dweight and dhidden
+    moments = {
+        "head forward": {
+            **static, **gathered_head, "saved activations": sum(kept) + head_saves,
+            "loss head (logits chunk + fp32 grads)": chunk * V * cb + chunk_copies + head_upcast + ce_fp32,
+        },
+        "head backward": {
+            **static, **gathered_head, "saved activations": sum(kept) + head_saves,
+            "loss head (fp32 grads + their casts)": ce_fp32 + V * H * cb + T * H * cb,
+        },
+    }  # fmt: skip
+    # A layer's backward, for the last two layers (the first two in backward order): what the
+    # layers before it keep, its own saved activations (recomputed from its kept input, when
+    # checkpointed), the MLP's gradients in flight and its gathered weights. Its weight gradients
+    # are in flight too: in the first layer, its own unsharded ones; from the second on, with more
+    # than one shard, the previous layer's in their fp32 reduce-scatter input instead.
     mlp_grads = 3 * T * args.intermediate_size * cb + 2 * T * H * cb  # d(product), d(gate), d(up); dh in and out
-    recompute = {
-        **static,
-        "gathered weights (blocks in flight)": blocks_gathered * n_block * cb + all_gather_staging,
-        "saved activations": saved_all,
-        "block gradients + reduce-scatter": block_grads,
-        "recomputed layer + its gradients": (per_layer if checkpointed else 0) + mlp_grads,
-    }
-    moments = {"head forward": head_forward, "head backward": head_backward, "last-layer recompute": recompute}
+    gathered_blocks = n_block * cb if p.reshard_after_forward else L * n_block * cb  # ZeRO-2 keeps every block gathered
+    for j in (L - 1, L - 2) if L > 1 else (L - 1,):
+        moments[f"layer {j} backward"] = {
+            **static,
+            "gathered block": gathered_blocks,
+            "saved activations": sum(kept[:j]) + (0 if checkpointed[j] else kept[j]),
+            "recomputed layer + its gradients": (per_layer if checkpointed[j] else 0) + mlp_grads,
+            "block gradients in flight": n_block * 4 if shard > 1 and j < L - 1 else n_block * cb,
+        }
+    largest_shard = max(V * H, args.intermediate_size * H) / shard
+    if cfg.optim.state_dtype == "bfloat16":  # ours: fp32 copies of one parameter's two moments at a time
+        moments["optimizer step"] = {**static, "optimizer temporaries (largest shard's fp32 moments)": 2 * largest_shard * 4}
     moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
-    parts = dict(parts)
+    parts = {k: v for k, v in parts.items() if v}
+    # What the tensors alone do not show, on their own lines: the caching allocator's fragmentation
+    # (a CPU's heap slack), and on a GPU the next block's all-gather, issued ahead on its own stream
+    # (explicit prefetch), whose output is alive while this block computes.
+    if not on_cpu and p.prefetch and "backward" in moment and moment.startswith("layer"):
+        parts["prefetched blocks' all-gather outputs (CUDA streams)"] = p.prefetch * n_block * cb
     parts["allocator"] = (CPU_ALLOCATOR_SLACK if on_cpu else FRAGMENTATION) * sum(parts.values())
     breakdown = {k: v / GIB for k, v in parts.items()}
     if on_cpu:
@@ -224,6 +225,21 @@ def plan_memory(
     usable = capacity_gib - reserved_gib
     return MemoryPlan(peak_gib=peak, capacity_gib=usable, fits=peak <= usable, moment=moment, breakdown=breakdown,
                       path=asdict(path), baseline_gib=baseline_gib if on_cpu else 0.0)  # fmt: skip
+
+
+# The lines of a plan that no tracker of live tensors sees (engine/simulate.py leaves them out).
+UNTRACKED = ("allocator", "prefetched blocks' all-gather outputs (CUDA streams)", "process baseline (before the model)")
+
+
+def _static_state(cfg: Config, n_total: int, shard: int) -> dict[str, float]:
+    """Sharded fp32 master weights and gradients, and both AdamW moments: there all step long."""
+    on_device = 0 if cfg.parallel.cpu_offload else 1
+    state_bytes = 2 if cfg.optim.state_dtype == "bfloat16" else 4
+    return {
+        "params (sharded fp32)": on_device * n_total * 4 / shard,
+        "grads (sharded fp32)": on_device * n_total * 4 / shard,
+        "optimizer (sharded moments)": on_device * 2 * n_total * state_bytes / shard,
+    }
 
 
 def checkpoint_bytes(cfg: Config, args: ModelArgs) -> int:

@@ -57,11 +57,11 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
                 param, grad = _local(p), _local(p.grad).to(compute)
                 m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
                 m32 = m.to(compute).lerp_(grad, 1 - beta1)
-                v32 = v.to(compute).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                v32 = v.to(compute, copy=True).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # private: denom reuses it
                 m.copy_(m32)
                 v.copy_(v32)
                 param.mul_(1 - group["lr"] * group["weight_decay"])
-                denom = (v32.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+                denom = v32.sqrt_().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])  # in place: v holds the moment now
                 param.addcdiv_(m32, denom, value=-group["lr"] / (1 - beta1**step))
 
     def load_state_dict(self, state_dict: dict) -> None:

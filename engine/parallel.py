@@ -119,13 +119,16 @@ def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) 
         # Under CPU offload the gradients clipped (and their norms reduced) live in host memory: gloo does those.
         backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    return Distributed(rank, world, local_rank, dev, build_mesh(dev.type, world, dp_replicate))
+
+
+def build_mesh(device_type: str, world: int, dp_replicate: int) -> DeviceMesh:
+    """The data-parallel mesh: 1-D (dp_shard), or 2-D HSDP (dp_replicate x dp_shard) across nodes."""
     if world % dp_replicate:
         raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world}")
     if dp_replicate > 1:
-        mesh = init_device_mesh(dev.type, (dp_replicate, world // dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
-    else:
-        mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp_shard",))
-    return Distributed(rank, world, local_rank, dev, mesh)
+        return init_device_mesh(device_type, (dp_replicate, world // dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
+    return init_device_mesh(device_type, (world,), mesh_dim_names=("dp_shard",))
 
 
 def clean_name(name: str) -> str:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from kernels.dispatch import shapes_only
+from kernels.dispatch import path_of, shapes_only
 from kernels.triton_common import cast, interpreting
 
 LOGITS_BUDGET_BYTES = 1 << 30  # the chunk's logits buffer on a GPU; C is the largest multiple of 256 tokens under it
@@ -295,6 +295,17 @@ def _linear_cross_entropy_fake(hidden, weight, targets, ignore_index, reduction,
     dhidden = hidden.new_empty(hidden.shape if need_dhidden else (0,), dtype=acc)
     dweight = hidden.new_empty(weight.shape if need_dweight else (0,), dtype=acc)
     return hidden.new_empty((), dtype=acc), dhidden, dweight
+
+
+def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int | None, backend: str) -> int:
+    """The op's working memory beside its outputs, which no dispatch mode sees inside it: the
+    chunk's logits, and the torch twin's fp32 copy of a half chunk (engine/simulate.py adds it)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    chunk = min(chunk_size or chunk_tokens(n_tokens, vocab, hidden.dtype, device_type=path_of(hidden)[0]), n_tokens)
+    acc = _acc_dtype(hidden.dtype)
+    copy = chunk * vocab * acc.itemsize if backend == "torch" and hidden.dtype != acc else 0
+    return chunk * vocab * hidden.dtype.itemsize + copy
+
 
 
 def _supervised(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
