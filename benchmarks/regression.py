@@ -21,6 +21,11 @@ the code that a careless change moves:
                              forward, with a null model; benchmarks/bench_sampler_cpu.py), this
                              thread's CPU time. Baseline: the goal, 1 ms; it fails past 1.5 ms
                              (machines differ), which O(context) work per step would cross
+  limo_32b_simulated_peak_gib  the LIMO 32B recipe's step on 8 ranks, simulated at full size
+                             (engine/simulate.py: two full 16k micro-batches, fake tensors), GiB per rank
+  limo_32b_planner_error     |the planner's tensors / the simulated peak - 1|: the goal is <= 5%
+  limo_32b_planned_total_gib the planner's whole figure (allocator, prefetch in flight included):
+                             must stay within the 77.1 GiB an 80 GB H100 leaves usable
   host_syncs_per_step        scalar reads (.item(), bool(t), .tolist()) in one FSDP training step on
                              two micro-batches on CPU, outside kernels/reference.py (CPU-only); the
                              JSON lists each site. Expected: the step's one read of (loss, grad
@@ -280,6 +285,16 @@ def host_syncs_per_step() -> tuple[int, list[str]]:
         dist.destroy_process_group()
 
 
+def limo_32b_figures() -> dict[str, float]:
+    """The 32B recipe's step simulated at full size on 8 ranks, against the planner."""
+    from engine.config import load_config
+    from engine.simulate import simulate
+
+    sim = simulate(load_config(ROOT / "configs/limo_qwen2.5_32b_8xh100.toml"), 8, full_batches=2)
+    return {"limo_32b_simulated_peak_gib": sim.peak_gib, "limo_32b_planner_error": abs(sim.planner_error),
+            "limo_32b_planned_total_gib": sim.plan["peak_gib"]}  # fmt: skip
+
+
 def measure() -> dict:
     figures = flop_ratios()
     none = activation_bytes_per_token_layer(ARGS, LENGTHS, checkpointing=False)
@@ -296,6 +311,7 @@ def measure() -> dict:
     from benchmarks.bench_sampler_cpu import host_step
 
     figures["sampler_host_us_per_step_b256"] = host_step(256)["host_us_per_step"]
+    figures.update(limo_32b_figures())
     return {"figures": figures, "host_sync_sites": where}
 
 
