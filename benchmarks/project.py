@@ -2,6 +2,7 @@
 
     python -m benchmarks.project --results benchmarks/results/summary-NVIDIA-H100-80GB-HBM3.json
     python -m benchmarks.project --results benchmarks/results/train_step-NVIDIA-H100-80GB-HBM3.json --nvlink-gbps 360
+    python -m benchmarks.project --scale-out       # 1, 2, 4 and 8 nodes from the simulated step (benchmarks/scale_out.py)
 
 Measured (benchmarks/bench_train_step.py, Qwen2.5-32B's layer shapes at k = 2 and 4 layers, on
 16,384-token micro-batches): a bench step's forward+backward time = rest + k * per_layer, and the
@@ -249,13 +250,30 @@ def verdict(p: Projection) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.project", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--results", type=Path, required=True, help="train_step-<device>.json or summary-<device>.json from a GPU run")
+    ap.add_argument("--results", type=Path, help="train_step-<device>.json or summary-<device>.json from a GPU run")
+    ap.add_argument("--scale-out", action="store_true", help="the recipe on --nodes nodes of 8 GPUs, from the simulated step "
+                                                             "(benchmarks/scale_out.py); --results, when given, supplies the compute rate")
+    ap.add_argument("--nodes", default="1,2,4,8", help="node counts for --scale-out (default 1,2,4,8)")
+    ap.add_argument("--mfu", type=float, default=0.5, help="--scale-out without --results: the assumed MFU (default 0.5)")
+    ap.add_argument("--ib-gbps", type=float, default=50.0, help="--scale-out: InfiniBand GB/s per GPU (default 50: one 400 Gb/s NDR link)")
     ap.add_argument("--fit", default=None, help="the fit (config group) to project from; default: the fastest that fits 8 x 80 GB")
     ap.add_argument("--nvlink-gbps", type=float, default=450.0,
                     help="NVLink bandwidth per direction, GB/s (default 450: the H100 SXM datasheet)")  # fmt: skip
     ap.add_argument("--lengths", type=Path, default=length_dist.DATA_FILE, help="length distribution (default: the committed proxy)")
     ap.add_argument("--json", action="store_true", help="print the projection as one JSON object")
     args = ap.parse_args(argv)
+    if args.scale_out:
+        from benchmarks import scale_out
+
+        args.nodes = [int(n) for n in args.nodes.split(",") if n]
+        try:
+            measured = project(load_results(args.results), Recipe(), args.nvlink_gbps, args.fit).r_layer_tflops * 1e12 if args.results else None
+        except (MissingMeasurements, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return scale_out.main(args, measured)
+    if args.results is None:
+        ap.error("--results is required (or --scale-out)")
     try:
         section = load_results(args.results)
         pool = length_dist.load(args.lengths)

@@ -109,3 +109,21 @@ def test_no_results_file_says_how_to_get_one(tmp_path, capsys):
     assert project.main(["--results", str(tmp_path / "summary-H100.json")]) == 2
     err = capsys.readouterr().err
     assert "summary-H100.json does not exist" in err and "bash benchmarks/gpu_suite.sh train" in err
+
+
+def test_scale_out_arithmetic_from_a_simulated_step():
+    """Bytes per pass from the simulation, ring factors, max(compute, links) per pass when overlapped."""
+    from benchmarks.scale_out import scale_row
+
+    gb = 1e9
+    sim = {"peak_gib": 50.0, "planned_total_gib": 60.0, "micro_batches": [16384, 16384],
+           "collectives": {"all_gather": 200 * gb, "reduce_scatter": 200 * gb, "all_reduce": 40 * gb}}  # fmt: skip
+    one = scale_row(1, 500e12, nvlink_gbps=400.0, ib_gbps=50.0, simulation=sim)
+    two = scale_row(2, 500e12, nvlink_gbps=400.0, ib_gbps=50.0, simulation=sim)
+    assert one.gather_scatter_gb_per_pass == pytest.approx(200) and one.all_reduce_gb_per_pass == pytest.approx(20)
+    assert one.nvlink_s_per_pass == pytest.approx(200 * 7 / 8 / 400) and one.ib_s_per_pass == 0.0  # no link across nodes
+    assert two.ib_s_per_pass == pytest.approx(20 * 2 * (2 - 1) / 2 / 50)
+    assert one.minutes_serial > one.minutes_overlapped > 0 and two.gpus == 16
+    assert two.compute_s_per_pass <= one.compute_s_per_pass  # twice the GPUs: no pass gets slower
+    slow = scale_row(1, 500e12, nvlink_gbps=1.0, ib_gbps=50.0, simulation=sim)
+    assert not slow.hidden and slow.minutes_overlapped == pytest.approx(slow.nvlink_s_per_pass * slow.passes_per_step * 390 / 60, rel=1e-6)
