@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from data import lengths as length_dist
 from benchmarks.harness import SCHEMA, Record, Unavailable, environment, finish, measure_ceilings
@@ -347,36 +348,39 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_train_step runs on one device (a world of one); run it without torchrun")
 
     d = init_distributed(args.device, 1)
-    batches = micro_batches(sweep.args.vocab_size, sweep.tokens, sweep.micro_batches, args.seed)
-    if d.device.type == "cuda":
-        batches = [mb.pin_memory() for mb in batches]
-    seqlens = [int(n) for mb in batches for n in mb.cu_seqlens.diff().tolist()]  # host data: no device sync
-    header = {
-        "schema": SCHEMA, "bench": "train_step", "sweep": args.sweep,
-        "command": "python -m benchmarks.bench_train_step " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": environment(d.device), "ceilings": measure_ceilings(d.device), "peak_flops": peak_flops(d.device),
-        "model": {k: v for k, v in asdict(sweep.args).items() if k not in ("num_layers", "bos_token_id", "eos_token_id")},
-        "dtype": sweep.dtype, "warmup_steps": sweep.warmup, "timed_steps": sweep.steps,
-        "micro_batches": [{"tokens": len(mb), "seqlens": mb.cu_seqlens.diff().tolist()} for mb in batches],
-    }  # fmt: skip
-    if d.device.type == "cuda":
-        torch.cuda.empty_cache()  # the ceilings' buffers
-    records = []
-    for config in configs:
-        rec = run_config(sweep, config, d, batches, header["ceilings"], log=lambda line: print(line, file=sys.stderr, flush=True))
-        print(_row(rec), file=sys.stderr, flush=True)
-        records.append(rec)
-    header["fits"] = fit_layers(records, sweep.args, seqlens, header["peak_flops"])
-    env = header["environment"]
-    print(f"\ntrain_step / sweep {args.sweep} on {env['device']} (torch {env['torch']}, commit {env['commit']}); "
-          f"{len(batches)} micro-batches, {sum(seqlens)} tokens in {len(seqlens)} samples per step; MFU: causal / torchtitan")  # fmt: skip
-    for r in records:
-        print(_row(r))
-    for f in header["fits"]:
-        mfu = f"{100 * f['layer_mfu']:.1f}%" if f["layer_mfu"] is not None else "-"
-        print(f"fit {f['group']}: forward+backward {f['per_layer_ms']:.2f} ms per layer + {f['rest_ms']:.2f} ms (embedding, head, "
-              f"loss); optimizer {f['optim_ms_per_gparam']:.2f} ms per billion parameters; layer MFU {mfu}")  # fmt: skip
-    return finish(args.out, header, records)
+    try:
+        batches = micro_batches(sweep.args.vocab_size, sweep.tokens, sweep.micro_batches, args.seed)
+        if d.device.type == "cuda":
+            batches = [mb.pin_memory() for mb in batches]
+        seqlens = [int(n) for mb in batches for n in mb.cu_seqlens.diff().tolist()]  # host data: no device sync
+        header = {
+            "schema": SCHEMA, "bench": "train_step", "sweep": args.sweep,
+            "command": "python -m benchmarks.bench_train_step " + " ".join(sys.argv[1:] if argv is None else argv),
+            "environment": environment(d.device), "ceilings": measure_ceilings(d.device), "peak_flops": peak_flops(d.device),
+            "model": {k: v for k, v in asdict(sweep.args).items() if k not in ("num_layers", "bos_token_id", "eos_token_id")},
+            "dtype": sweep.dtype, "warmup_steps": sweep.warmup, "timed_steps": sweep.steps,
+            "micro_batches": [{"tokens": len(mb), "seqlens": mb.cu_seqlens.diff().tolist()} for mb in batches],
+        }  # fmt: skip
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()  # the ceilings' buffers
+        records = []
+        for config in configs:
+            rec = run_config(sweep, config, d, batches, header["ceilings"], log=lambda line: print(line, file=sys.stderr, flush=True))
+            print(_row(rec), file=sys.stderr, flush=True)
+            records.append(rec)
+        header["fits"] = fit_layers(records, sweep.args, seqlens, header["peak_flops"])
+        env = header["environment"]
+        print(f"\ntrain_step / sweep {args.sweep} on {env['device']} (torch {env['torch']}, commit {env['commit']}); "
+              f"{len(batches)} micro-batches, {sum(seqlens)} tokens in {len(seqlens)} samples per step; MFU: causal / torchtitan")  # fmt: skip
+        for r in records:
+            print(_row(r))
+        for f in header["fits"]:
+            mfu = f"{100 * f['layer_mfu']:.1f}%" if f["layer_mfu"] is not None else "-"
+            print(f"fit {f['group']}: forward+backward {f['per_layer_ms']:.2f} ms per layer + {f['rest_ms']:.2f} ms (embedding, head, "
+                  f"loss); optimizer {f['optim_ms_per_gparam']:.2f} ms per billion parameters; layer MFU {mfu}")  # fmt: skip
+        return finish(args.out, header, records)
+    finally:
+        dist.destroy_process_group()  # a caller in this process (a test) may start another
 
 
 if __name__ == "__main__":
