@@ -8,7 +8,7 @@ tokens/s, and transformers' `generate` on the same model folder as the comparato
     python -m benchmarks.bench_sampler --contexts    # the CPU path's decode time by context
 
 The model has a real architecture's shapes and random weights, written to a temporary folder by
-engine.weights.save_pretrained without a tokenizer and without an EOS id, so prompts are token
+model.weights.save_pretrained without a tokenizer and without an EOS id, so prompts are token
 ids and every sample runs to max_tokens. For each batch size B: B random prompts of P tokens,
 greedy, through `LLM.generate` (eval/sampler) with max_tokens=N and with max_tokens=1:
     prefill tokens/s = B * P / t(1)
@@ -38,8 +38,8 @@ import torch
 
 import kernels
 from benchmarks.harness import SCHEMA, Record, Work, environment, finish, measure_ceilings, print_table
-from engine.model import PRESETS, ModelArgs, build_model
-from engine.weights import save_pretrained
+from model.qwen2 import PRESETS, ModelArgs, build_model
+from model.weights import save_pretrained
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.model import ModelArgs
+from model.qwen2 import ModelArgs
 
 HOST_GOAL_US_AT_256 = 1000.0
 SAMPLES_PER_PROMPT = 16
@@ -114,8 +114,8 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
     import tempfile
     from pathlib import Path
 
-    from engine.model import PRESETS, build_model
-    from engine.weights import save_pretrained
+    from model.qwen2 import PRESETS, build_model
+    from model.weights import save_pretrained
     from eval.sampler import LLM, SamplingParams
     from kernels.paged_attention import paged_attention
 

@@ -45,7 +45,7 @@ from data.packing import MicroBatch, pack, plan
 from engine.config import Config, load_config
 from engine.memory import GIB, H100_80GB_GIB, plan_memory
 from engine.metrics import peak_flops, step_flops, step_flops_torchtitan
-from engine.model import PRESETS, ModelArgs, build_model
+from model.qwen2 import PRESETS, ModelArgs, build_model
 from engine.optim import build_optimizer
 from engine.parallel import Distributed, init_distributed, parallelize
 from engine.train import train_step as engine_train_step

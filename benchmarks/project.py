@@ -40,7 +40,7 @@ from data import lengths as length_dist
 from benchmarks.bench_train_step import RECIPE, head_flops, layer_flops
 from engine.config import load_config
 from engine.memory import H100_80GB_GIB, plan_memory
-from engine.model import PRESETS
+from model.qwen2 import PRESETS
 
 TARGET = PRESETS["qwen2.5-32b"]
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")

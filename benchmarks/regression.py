@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import kernels  # noqa: E402
 from engine.memory import layer_activation_bytes_per_token  # noqa: E402
 from engine.metrics import step_flops  # noqa: E402
-from engine.model import PRESETS, ModelArgs, build_model  # noqa: E402
+from model.qwen2 import PRESETS, ModelArgs, build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [100, 37, 200, 175]  # one packed micro-batch of four samples
@@ -128,7 +128,7 @@ class _FlashLike(torch.autograd.Function):
 
 class _FlashLikeContext:
     def __init__(self, cu, max_seqlen):
-        from engine.model import VarlenContext
+        from model.qwen2 import VarlenContext
 
         self.inner = VarlenContext(cu, max_seqlen)
 
@@ -147,7 +147,7 @@ def activation_bytes_per_token_layer(args: ModelArgs, lengths: list[int], checkp
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from engine.model import rotary_cos_sin
+    from model.qwen2 import rotary_cos_sin
 
     model = build_model(args, device="cpu", dtype=dtype)
     model.init_weights()

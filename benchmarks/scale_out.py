@@ -62,7 +62,7 @@ def scale_row(nodes: int, flops_per_s: float, nvlink_gbps: float, ib_gbps: float
     import torch
 
     from engine.config import load_config
-    from engine.weights import model_args
+    from model.weights import model_args
     from benchmarks.bench_train_step import RECIPE
 
     gpus = nodes * GPUS_PER_NODE

@@ -18,7 +18,7 @@ from data.loader import PackedLoader
 from data.packing import CostModel, plan
 from data.sources import DataError
 from engine.config import ConfigError, DataConfig
-from engine.model import PRESETS
+from model.qwen2 import PRESETS
 
 
 def histogram(lengths: Sequence[int], bins: int, width: int = 40) -> list[str]:

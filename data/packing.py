@@ -40,7 +40,7 @@ class CostModel:
 
     @classmethod
     def for_model(cls, args: Any) -> CostModel:
-        """From an engine.model.ModelArgs, with the FLOP counts of the project's MFU formula."""
+        """From an model.qwen2.ModelArgs, with the FLOP counts of the project's MFU formula."""
         return cls(6.0 * args.num_params(embeddings=False), 6.0 * args.num_layers * args.num_heads * args.head_dim)
 
     def __call__(self, length: int) -> float:

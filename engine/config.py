@@ -33,12 +33,12 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    preset: str | None = _help("named architecture, randomly initialised (see engine.model.PRESETS)", None)
+    preset: str | None = _help("named architecture, randomly initialised (see model.qwen2.PRESETS)", None)
     path: str | None = _help("Hugging Face model folder (config.json + safetensors); its tokenizer comes with it", None)
     init_std: float = _help("std of the normal init of a preset's matrices (model.path ignores it)", 0.02)
 
     def check(self) -> None:
-        from engine.model import PRESETS
+        from model.qwen2 import PRESETS
 
         if (self.preset is None) == (self.path is None):
             raise ConfigError("model: set exactly one of model.preset and model.path")

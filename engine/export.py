@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from engine.parallel import clean_name
-from engine.weights import WeightsError, write_hf
+from model.weights import WeightsError, write_hf
 
 
 def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Config, ConfigError, load_config
-from engine.model import PRESETS, ModelArgs
+from model.qwen2 import PRESETS, ModelArgs
 from kernels.cross_entropy import chunk_tokens
 
 GIB = 2**30
@@ -326,7 +326,7 @@ def record_peaks(path: str | os.PathLike, plan: MemoryPlan, probe: PeakProbe, ra
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from engine.weights import model_args
+    from model.weights import model_args
 
     p = argparse.ArgumentParser(prog="python -m engine.memory", description="Per-rank peak memory of a training plan.")
     p.add_argument("--config", required=True)

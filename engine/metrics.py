@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from engine.memory import host_rss_gib
-from engine.model import ModelArgs
-from engine.progress import progress_bar
+from model.qwen2 import ModelArgs
+from tools.progress import progress_bar
 
 # Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, without sparsity).
 # The first name that is part of the device's name wins: the PCIe and NVL H100s come before the SXM one.

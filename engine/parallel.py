@@ -28,8 +28,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, Shard
 
 from engine.config import ParallelConfig
-from engine.model import Qwen2, RMSNorm
-from engine.weights import HFCheckpoint
+from model.qwen2 import Qwen2, RMSNorm
+from model.weights import HFCheckpoint
 
 log = logging.getLogger(__name__)
 

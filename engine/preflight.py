@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.checkpoint import Checkpointer
 from engine.config import Config, ConfigError, check_resume
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # the owner/name shape data.sources and engine.weights fetch
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # the owner/name shape data.sources and model.weights fetch
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -33,7 +33,7 @@ def preflight(cfg: Config) -> None:
 def _check_model(cfg: Config) -> None:
     """The model's architecture can be known without its weights: a folder's config.json, a hub
     id's (fetched alone), or the built-in config of a known Qwen2.5 id when the hub does not answer."""
-    from engine.weights import WeightsError, model_args
+    from model.weights import WeightsError, model_args
 
     try:
         model_args(cfg)

@@ -14,7 +14,7 @@ implementations (kernels.dispatch.as_device("cuda")); nothing runs, and nothing 
 
 Fake CPU tensors stand for the GPU's: a CPU-only torch cannot differentiate through fake CUDA
 tensors (no CUDA device guard), and FSDP2 refuses meta parameters. Model configs resolve offline
-(engine.weights.model_args), so this works with no network.
+(model.weights.model_args), so this works with no network.
 
 Memory is counted by torch's FSDPMemTracker, which sorts every live tensor into sharded and
 unsharded parameters and gradients, all-gather and reduce-scatter buffers, activations,
@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import Config, ConfigError, load_config
 from engine.memory import GIB, H100_80GB_GIB, UNTRACKED, ExecutionPath, MemoryPlan, plan_memory
-from engine.model import ModelArgs
+from model.qwen2 import ModelArgs
 
 # c10d's ops, by what they do; the argument whose bytes count for each.
 _COLLECTIVES = {
@@ -234,11 +234,11 @@ def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from engine.model import build_model
+    from model.qwen2 import build_model
     from engine.optim import build_optimizer
     from engine.parallel import build_mesh, parallelize
     from engine.train import train_step
-    from engine.weights import model_args
+    from model.weights import model_args
     from kernels import dispatch
 
     if cfg.parallel.cpu_offload:

@@ -28,11 +28,11 @@ from engine.config import Config, ConfigError, check_resume, describe_keys, load
 from engine.export import export_hf
 from engine.memory import ExecutionPath, PeakProbe, checkpoint_bytes, device_capacity_gib, plan_memory, record_peaks
 from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops, step_flops_torchtitan
-from engine.model import PRESETS, build_model
+from model.qwen2 import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import init_distributed, materialize, parallelize
 from engine.preflight import preflight
-from engine.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
+from model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
 
 log = logging.getLogger("engine.train")
 

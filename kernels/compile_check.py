@@ -48,7 +48,7 @@ from kernels import paged_attention as paged
 from kernels.triton_common import interpreting
 
 # name, hidden, attention heads, KV heads, vocabulary (head dim = hidden / heads); the model
-# presets in engine/model.py agree (tests/test_compile_check.py)
+# presets in model/qwen2.py agree (tests/test_compile_check.py)
 QWEN25 = (
     ("Qwen2.5-0.5B", 896, 14, 2, 151936),
     ("Qwen2.5-1.5B", 1536, 12, 2, 151936),

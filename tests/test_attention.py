@@ -221,7 +221,7 @@ def test_unknown_backend_name_lists_the_allowed(fresh_selection):
 
 def test_model_attention_goes_through_varlen_attention(monkeypatch):
     """The model's packed forward calls kernels.varlen_attention once per layer with the stream's bounds."""
-    from engine.model import ModelArgs, build_model
+    from model.qwen2 import ModelArgs, build_model
 
     calls = []
     real = attention.varlen_attention

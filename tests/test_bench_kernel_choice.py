@@ -8,7 +8,7 @@ import torch
 import kernels
 from benchmarks.bench_train_step import SWEEPS
 from benchmarks.kernel_choice import kernel_choice
-from engine.model import build_model
+from model.qwen2 import build_model
 from kernels import reference
 from kernels.triton_common import interpreting
 

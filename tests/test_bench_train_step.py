@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import bench_train_step as bench
 from data import lengths
-from engine.model import build_model
+from model.qwen2 import build_model
 
 SMOKE = bench.SWEEPS["smoke"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -36,7 +36,7 @@ print(json.dumps(rows))
 
 
 def test_shapes_are_the_model_presets():
-    from engine.model import PRESETS
+    from model.qwen2 import PRESETS
 
     table = {name.lower(): (hidden, heads, kv, vocab) for name, hidden, heads, kv, vocab in cc.QWEN25}
     for name in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-32b"):

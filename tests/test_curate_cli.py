@@ -111,7 +111,7 @@ def test_difficulty_needs_a_model(pool, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from data.synthetic import byte_tokenizer
-    from engine.weights import main as weights_main
+    from model.weights import main as weights_main
 
     folder = tmp_path_factory.mktemp("tiny")
     assert weights_main(["--preset", "tiny", "--out", str(folder)]) == 0

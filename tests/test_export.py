@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine.export import export_hf
-from engine.model import PRESETS, build_model
-from engine.weights import WeightsError, write_hf
+from model.qwen2 import PRESETS, build_model
+from model.weights import WeightsError, write_hf
 
 
 def _tiny():

@@ -13,7 +13,7 @@ import kernels
 from benchmarks.regression import activation_bytes_per_token_layer
 from engine.config import load_config
 from engine.memory import H100_80GB_GIB, ExecutionPath, layer_activation_bytes_per_token, plan_memory
-from engine.model import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin
+from model.qwen2 import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin
 from tests.conftest import ROOT
 
 

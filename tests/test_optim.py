@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.config import OptimConfig
-from engine.model import PRESETS, build_model
+from model.qwen2 import PRESETS, build_model
 from engine.optim import AdamWLowPrecisionState, build_optimizer, lr_lambda, param_groups
 
 

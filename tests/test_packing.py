@@ -8,7 +8,7 @@ import torch
 from data.chat import IGNORE
 from data.dataset import EncodedSample
 from data.packing import CostModel, build_step, dummy, pack, plan
-from engine.model import PRESETS, ModelArgs, build_model
+from model.qwen2 import PRESETS, ModelArgs, build_model
 from tests.conftest import rel_err
 
 VOCAB = 203

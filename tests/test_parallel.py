@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import ParallelConfig
-from engine.model import PRESETS, ModelArgs, build_model
+from model.qwen2 import PRESETS, ModelArgs, build_model
 from engine.parallel import clean_name, init_distributed, materialize, parallelize
-from engine.weights import HFCheckpoint, load_pretrained
+from model.weights import HFCheckpoint, load_pretrained
 from tests import distributed
 from tests.conftest import random_hf_qwen2, rel_err
 

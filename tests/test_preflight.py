@@ -52,7 +52,7 @@ def test_a_model_folder_without_config_json_is_refused(tmp_path):
 
 def test_hub_ids_existing_paths_and_known_benchmarks_pass(tmp_path, monkeypatch):
     """Offline, a known Qwen2.5 model id passes on its built-in config; a data hub id on its shape."""
-    from engine.model import PRESETS
+    from model.qwen2 import PRESETS
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from engine.config import load_config
-from engine.model import ModelArgs
+from model.qwen2 import ModelArgs
 from engine.simulate import simulate
 from tests.conftest import ROOT
 

@@ -8,7 +8,7 @@ import pytest
 from data import synthetic
 from data.chat import encode
 from data.sources import load_records
-from engine.model import PRESETS
+from model.qwen2 import PRESETS
 
 QUESTION = re.compile(r"^Compute (\d+) ([-+*]) (\d+)\.$")
 ADD_OR_MUL = re.compile(r"^(\d+) ([+*]) (\d+) \+ (\d+) = (\d+): write (\d), carry (\d+)\.$")

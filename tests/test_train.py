@@ -116,7 +116,7 @@ def test_export_loads_in_transformers_with_the_checkpoints_logits(reference):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
-    from engine.model import PRESETS, build_model
+    from model.qwen2 import PRESETS, build_model
 
     ours = build_model(PRESETS["tiny"], device="cpu")
     state = {"model": ours.state_dict()}

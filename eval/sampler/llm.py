@@ -1,6 +1,6 @@
 """`LLM(model_dir).generate(prompts, params)`: the sampler's one entry point.
 
-It loads the model folder's weights (engine.weights) and tokenizer, sizes the paged KV cache,
+It loads the model folder's weights (model.weights) and tokenizer, sizes the paged KV cache,
 and loops schedule -> run -> postprocess until every sample has finished. Outputs come back flat
 and prompt-major: with n samples per prompt, outputs[i * n + j] is sample j of prompt i.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from engine.progress import progress_bar
-from engine.weights import load_pretrained
+from tools.progress import progress_bar
+from model.weights import load_pretrained
 from eval.sampler.block_manager import BlockManager
 from eval.sampler.runner import ModelRunner
 from eval.sampler.scheduler import Scheduler

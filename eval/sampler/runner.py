@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from engine.model import Qwen2
+from model.qwen2 import Qwen2
 from eval.sampler.sampling import Sampler, noise_keys
 from eval.sampler.scheduler import Batch
 from eval.sampler.sequence import Sequence

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.model import ModelArgs, Qwen2, build_model
+from model.qwen2 import ModelArgs, Qwen2, build_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,8 +76,8 @@ def model_args(cfg: Any) -> tuple[ModelArgs, str]:
     """The architecture of an engine.config.Config's model without its weights, and where it came
     from: the preset; a local folder's config.json; a hub id's config.json (fetched alone, or from
     the cache); or, when neither the hub nor its cache answers, the built-in config of a known
-    Qwen2.5 id (engine.model.HUB_PRESETS). Any other id that cannot be fetched is one clear error."""
-    from engine.model import HUB_PRESETS, PRESETS
+    Qwen2.5 id (model.qwen2.HUB_PRESETS). Any other id that cannot be fetched is one clear error."""
+    from model.qwen2 import HUB_PRESETS, PRESETS
 
     if cfg.model.preset:
         return PRESETS[cfg.model.preset], f"preset {cfg.model.preset}"
@@ -325,9 +325,9 @@ def check_against_transformers(path: str | os.PathLike, tokens: int = 64, seed: 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from engine.model import PRESETS
+    from model.qwen2 import PRESETS
 
-    p = argparse.ArgumentParser(prog="python -m engine.weights", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.weights", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="write this architecture, randomly initialised, to --out")
     p.add_argument("--out", help="folder for --preset")
     p.add_argument("--seed", type=int, default=0)

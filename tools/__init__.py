@@ -1,0 +1,1 @@
+"""What every layer uses and no layer owns: progress bars that read well in a log."""
