@@ -38,6 +38,7 @@ import torch
 
 import kernels
 from benchmarks.harness import SCHEMA, Record, Work, environment, finish, measure_ceilings, print_table
+from model.flops import forward_flops
 from model.qwen2 import PRESETS, ModelArgs, build_model
 from model.weights import save_pretrained
 
@@ -85,12 +86,6 @@ def decode_step_bytes(args: ModelArgs, itemsize: int, batch: int, prompt: int, n
     return statistics.fmean(decode_weight_bytes(args, itemsize, batch) + batch * (prompt + i) * kv for i in steps)
 
 
-def prefill_flops(args: ModelArgs, batch: int, prompt: int) -> float:
-    """Forward FLOPs of B prompts of P tokens: 2 x (params - embedding) per token + causal attention."""
-    dense = 2.0 * args.num_params(embeddings=False) * batch * prompt
-    return dense + 2.0 * args.num_layers * args.num_heads * args.head_dim * batch * prompt * prompt
-
-
 # ---------------------------------------------------------------------------------------------
 # Runs
 
@@ -131,7 +126,7 @@ def _median_pair(run, new_tokens: int, reps: int, device: torch.device) -> tuple
 def _records(provider: str, sweep: Sweep, batch: int, n: int, t_long: float, t_short: float, ceilings: dict) -> list[Record]:
     itemsize = DTYPES[sweep.dtype].itemsize
     case = {"batch": batch, "prompt": sweep.prompt, "new_tokens": n}
-    flops = int(prefill_flops(sweep.args, batch, sweep.prompt))
+    flops = int(forward_flops(sweep.args, [sweep.prompt] * batch))
     pre = Record("sampler", case, "prefill", provider, work=asdict(Work(flops=flops, bound="compute")))
     pre.median_ms = t_short * 1e3
     pre.tflops = pre.work["flops"] / pre.median_ms / 1e9

@@ -44,7 +44,8 @@ from data.dataset import EncodedSample
 from data.packing import MicroBatch, pack, plan
 from engine.config import Config, load_config
 from engine.memory import GIB, H100_80GB_GIB, plan_memory
-from engine.metrics import peak_flops, step_flops, step_flops_torchtitan
+from engine.metrics import peak_flops
+from model.flops import head_flops, layer_flops, step_flops, step_flops_torchtitan
 from model.qwen2 import PRESETS, ModelArgs, build_model
 from engine.optim import build_optimizer
 from engine.parallel import Distributed, init_distributed, parallelize
@@ -258,17 +259,6 @@ def run_config(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[M
 
 # ---------------------------------------------------------------------------------------------
 # The per-layer fit
-
-
-def layer_flops(args: ModelArgs, seqlens: list[int]) -> float:
-    """Training FLOPs of one decoder layer over these samples (ANCHORS.md's count, per layer)."""
-    one, two = replace(args, num_layers=1), replace(args, num_layers=2)
-    return step_flops(two, seqlens) - step_flops(one, seqlens)
-
-
-def head_flops(args: ModelArgs, tokens: int) -> float:
-    """Training FLOPs of the output projection (the embedding is a lookup: no FLOPs counted)."""
-    return 6.0 * args.vocab_size * args.hidden_size * tokens
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:

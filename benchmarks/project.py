@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 
 from data import lengths as length_dist
-from benchmarks.bench_train_step import RECIPE, head_flops, layer_flops
+from benchmarks.bench_train_step import RECIPE
 from engine.config import load_config
 from engine.memory import H100_80GB_GIB, plan_memory
+from model.flops import head_flops, layer_flops
 from model.qwen2 import PRESETS
 
 TARGET = PRESETS["qwen2.5-32b"]

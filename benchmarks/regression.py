@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import kernels  # noqa: E402
 from engine.memory import layer_activation_bytes_per_token  # noqa: E402
-from engine.metrics import step_flops  # noqa: E402
+from model.flops import step_flops  # noqa: E402
 from model.qwen2 import PRESETS, ModelArgs, build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

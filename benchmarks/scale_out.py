@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from engine.metrics import PEAK_BF16_FLOPS, step_flops
+from engine.metrics import PEAK_BF16_FLOPS
+from model.flops import step_flops
 
 GPUS_PER_NODE = 8
 

@@ -25,6 +25,8 @@ import torch
 
 from data.chat import IGNORE
 from data.dataset import EncodedSample
+from model.flops import flop_coefficients
+from model.qwen2 import ModelArgs
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,9 @@ class CostModel:
     quadratic: float = 1.0e-5
 
     @classmethod
-    def for_model(cls, args: Any) -> CostModel:
-        """From an model.qwen2.ModelArgs, with the FLOP counts of the project's MFU formula."""
-        return cls(6.0 * args.num_params(embeddings=False), 6.0 * args.num_layers * args.num_heads * args.head_dim)
+    def for_model(cls, args: ModelArgs) -> CostModel:
+        """A model's own training FLOPs per sample (model/flops.py, the MFU formula's)."""
+        return cls(*flop_coefficients(args))
 
     def __call__(self, length: int) -> float:
         return self.linear * length + self.quadratic * length * length

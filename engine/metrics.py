@@ -1,16 +1,12 @@
-"""FLOP accounting, MFU, memory, and the per-step record: metrics.jsonl, a progress bar, TensorBoard.
+"""Device peaks, MFU, memory, and the per-step record: metrics.jsonl, a progress bar, TensorBoard.
 
-MFU as ANCHORS.md defines it (causal-aware):
-    FLOPs per step = 6 x (params - embedding params) x tokens + 6 x layers x heads x head_dim x sum(len_i^2)
-    MFU = FLOPs per step / step time / (peak x devices),  peak = 989 TFLOP/s dense bf16 on H100/H200.
-torchtitan's formula counts attention as non-causal over the whole context (12 x layers x heads x
-head_dim x context per token); it is reported beside ours as `mfu_torchtitan` for comparisons.
+MFU as ANCHORS.md defines it (causal-aware): the step's FLOPs (model/flops.py) / step time /
+(peak x devices), peak = 989 TFLOP/s dense bf16 on H100/H200. torchtitan's formula, which counts
+attention as non-causal over the whole context, is reported beside it as `mfu_torchtitan`.
 """
-
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 from pathlib import Path
@@ -19,7 +15,6 @@ from typing import Any
 import torch
 
 from engine.memory import host_rss_gib
-from model.qwen2 import ModelArgs
 from tools.progress import progress_bar
 
 # Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, without sparsity).
@@ -37,19 +32,6 @@ def peak_flops(device: torch.device) -> float | None:
 
 def peak_flops_of(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def step_flops(args: ModelArgs, seqlens: list[int]) -> float:
-    """Training FLOPs of one step over packed samples of these lengths (causal attention)."""
-    dense = 6.0 * args.num_params(embeddings=False) * sum(seqlens)
-    attention = 6.0 * args.num_layers * args.num_heads * args.head_dim * math.fsum(n * n for n in seqlens)
-    return dense + attention
-
-
-def step_flops_torchtitan(args: ModelArgs, num_tokens: int, context: int) -> float:
-    """torchtitan's count: every token attends to the whole `context`, non-causally."""
-    per_token = 6.0 * args.num_params(embeddings=False) + 12.0 * args.num_layers * args.num_heads * args.head_dim * context
-    return per_token * num_tokens
 
 
 def peak_memory_gb(device: torch.device) -> float:

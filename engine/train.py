@@ -27,7 +27,8 @@ from engine.checkpoint import Checkpointer, crash_point
 from engine.config import Config, ConfigError, check_resume, describe_keys, load_config, resume_settings
 from engine.export import export_hf
 from engine.memory import ExecutionPath, PeakProbe, checkpoint_bytes, device_capacity_gib, plan_memory, record_peaks
-from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb, step_flops, step_flops_torchtitan
+from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from model.flops import step_flops, step_flops_torchtitan
 from model.qwen2 import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import init_distributed, materialize, parallelize
