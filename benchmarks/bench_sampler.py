@@ -39,6 +39,7 @@ import torch
 import kernels
 from benchmarks.harness import SCHEMA, Record, Work, environment, finish, measure_ceilings, print_table
 from model.flops import forward_flops
+from model.init import init_weights
 from model.qwen2 import PRESETS, ModelArgs, build_model
 from model.weights import save_pretrained
 
@@ -92,11 +93,10 @@ def decode_step_bytes(args: ModelArgs, itemsize: int, batch: int, prompt: int, n
 
 def make_model_folder(args: ModelArgs, dtype: torch.dtype, device: torch.device, path: Path, seed: int = 0) -> None:
     """Random weights (initialised on `device`, fast at 7B) written as an HF folder."""
-    torch.manual_seed(seed)
     model = build_model(args, device="meta", dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    model.init_weights()
+    init_weights(model, seed=seed)
     save_pretrained(model, path, dtype=dtype)
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from model.init import init_weights
+
 from model.qwen2 import ModelArgs
 
 HOST_GOAL_US_AT_256 = 1000.0
@@ -126,7 +128,7 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             model = build_model(args, device="cpu")
-            model.init_weights()
+            init_weights(model)
             save_pretrained(model, Path(tmp), dtype=torch.float32)
             longest = max(contexts) + new_tokens + 16
             llm = LLM(tmp, dtype="float32", device="cpu", num_blocks=batch * -(-longest // 16) + batch, max_num_seqs=batch,

@@ -46,9 +46,11 @@ from engine.config import Config, load_config
 from engine.memory import GIB, H100_80GB_GIB, plan_memory
 from engine.metrics import peak_flops
 from model.flops import head_flops, layer_flops, step_flops, step_flops_torchtitan
+from model.init import init_weights
 from model.qwen2 import PRESETS, ModelArgs, build_model
 from engine.optim import build_optimizer
-from engine.parallel import Distributed, init_distributed, parallelize
+from engine.distributed import Distributed, init_distributed
+from engine.sharding import parallelize
 from engine.train import train_step as engine_train_step
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "limo_qwen2.5_32b_8xh100.toml"
@@ -190,7 +192,7 @@ def _run(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[MicroBa
     model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
     parallelize(model, d.mesh, cfg.parallel, param_dtype=DTYPES[sweep.dtype])
     model.to_empty(device=d.device)
-    model.init_weights()  # on the device: the seeded CPU init of engine.parallel.materialize takes minutes at this size
+    init_weights(model)  # drawn on the device: fast at 32B layer shapes
     optimizer = build_optimizer(model, cfg.optim, d.device)
     model.train()
     divisor = sum(mb.num_label_tokens for mb in batches)

@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import kernels  # noqa: E402
 from engine.memory import layer_activation_bytes_per_token  # noqa: E402
 from model.flops import step_flops  # noqa: E402
+from model.init import init_weights
 from model.qwen2 import PRESETS, ModelArgs, build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def flop_ratios() -> dict[str, float]:
     """
     args = PRESETS["tiny"]
     model = build_model(args, device="cpu")
-    model.init_weights()
+    init_weights(model)
     ids, labels, cu = _packed(args, LENGTHS)
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
@@ -150,7 +151,7 @@ def activation_bytes_per_token_layer(args: ModelArgs, lengths: list[int], checkp
     from model.qwen2 import rotary_cos_sin
 
     model = build_model(args, device="cpu", dtype=dtype)
-    model.init_weights()
+    init_weights(model)
     if checkpointing:
         for i, layer in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
@@ -259,7 +260,9 @@ def host_syncs_per_step() -> tuple[int, list[str]]:
     from data.dataset import EncodedSample
     from data.packing import build_step
     from engine.config import ParallelConfig
-    from engine.parallel import init_distributed, materialize, parallelize
+    from engine.distributed import init_distributed
+    from engine.sharding import parallelize
+    from model.init import materialize
     from engine.train import train_step
 
     d = init_distributed("cpu", 1)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from engine.parallel import clean_name
+from model.qwen2 import clean_name
 from model.weights import WeightsError, write_hf
 
 

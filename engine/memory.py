@@ -2,7 +2,7 @@
 
     python -m engine.memory --config FILE [--world-size 8] [--device cuda|cpu] [--capacity-gib G] [--json] [--section.key=value ...]
 
-The model follows one optimizer step of the FSDP2 plan (engine/parallel.py) on one rank and
+The model follows one optimizer step of the FSDP2 plan (engine/sharding.py) on one rank and
 takes the larger of its three high-water marks:
   head forward / backward: every layer's saved activations are alive, the head's weight is
             gathered, and the fused cross-entropy holds its logits chunk (forward) or its fp32

@@ -4,7 +4,7 @@ rank's peak by category, where in the step it falls, and the bytes of every coll
     python -m engine.simulate --config FILE [--world-size N] [--step K | --full-batches K] [--json] [--section.key=value ...]
 
 What runs is what engine/train.py runs, on fake tensors: the model built on the meta device;
-engine/parallel.py's plan (checkpointing, FSDP2 groups, mixed precision, prefetch, HSDP from
+engine/sharding.py's plan (checkpointing, FSDP2 groups, mixed precision, prefetch, HSDP from
 parallel.dp_replicate) over a fake process group of N ranks; the optimizer with the recipe's
 state dtype; then one whole step, `engine.train.train_step` over this rank's micro-batches of one
 global batch as data/loader.py packs them (sample lengths drawn from the long-CoT proxy,
@@ -236,7 +236,8 @@ def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int
 
     from model.qwen2 import build_model
     from engine.optim import build_optimizer
-    from engine.parallel import build_mesh, parallelize
+    from engine.distributed import build_mesh
+    from engine.sharding import parallelize
     from engine.train import train_step
     from model.weights import model_args
     from kernels import dispatch

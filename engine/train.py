@@ -31,7 +31,9 @@ from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from model.flops import step_flops, step_flops_torchtitan
 from model.qwen2 import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.parallel import init_distributed, materialize, parallelize
+from engine.distributed import init_distributed
+from engine.sharding import parallelize
+from model.init import materialize
 from engine.preflight import preflight
 from model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
 
@@ -103,7 +105,7 @@ def train(cfg: Config) -> None:
         raise ConfigError(f"the data holds token id {report.max_token_id} but the model's vocab_size is {args.vocab_size}")
     loader = PackedLoader(
         samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
-        epochs=cfg.train.epochs, world_size=d.world_size, rank=d.dp_rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
+        epochs=cfg.train.epochs, world_size=d.world_size, rank=d.rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
     )
     total_steps = min(cfg.train.max_steps or loader.total_steps, loader.total_steps)
 

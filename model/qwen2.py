@@ -3,7 +3,7 @@
 A forward pass takes one 1-D stream of T tokens that may hold several samples; `cu_seqlens`
 marks their boundaries and attention never crosses them. Position ids restart at 0 in each
 sample. The model knows nothing of parallelism: it is built on any device (the meta device
-included), and sharding, checkpointing and compile are applied from outside (engine/parallel.py).
+included), and sharding, checkpointing and compile are applied from outside (engine/sharding.py).
 
 Module names mirror transformers' Qwen2ForCausalLM (`layers.3.self_attn.q_proj.weight` is
 `model.layers.3.self_attn.q_proj.weight` there), so HF weights map by a prefix alone.
@@ -211,9 +211,6 @@ class RMSNorm(nn.Module):
         """Normalise x; with `residual`, normalise x + residual and also return that sum."""
         return kernels.rmsnorm(x, self.weight, self.eps, residual=residual)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
@@ -339,18 +336,14 @@ class Qwen2(nn.Module):
         """[T, H] -> [T, V]; for sampling and tests (training never materialises these)."""
         return self.lm_head(hidden)
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Fresh weights (normal(0, std) matrices, zero biases, unit norms), e.g. after to_empty()."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-        if not self.args.tie_word_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+
+# What torch's checkpoint_wrapper inserts into parameter names (compile is applied in place: it adds nothing).
+CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the model names it, without the checkpoint wrapper's fragment."""
+    return name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> Qwen2:

@@ -2,7 +2,7 @@
 
 Reading is lazy: `HFCheckpoint` opens the safetensors headers, checks every tensor's name, shape
 and dtype against the model before a byte of data is read, and hands out row slices, so a
-sharded model reads only the rows it owns (engine/parallel.py). Writing streams tensors into
+sharded model reads only the rows it owns (engine/sharding.py). Writing streams tensors into
 size-limited shards inside a temporary folder that is renamed into place at the end: a failed or
 interrupted save never leaves a half-written model where a complete one is expected.
 """
@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from model.init import init_weights
 from model.qwen2 import ModelArgs, Qwen2, build_model
 
 SINGLE_FILE = "model.safetensors"
@@ -336,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset:
         if not args.out:
             p.error("--preset needs --out")
-        torch.manual_seed(args.seed)
         model = build_model(PRESETS[args.preset], device="cpu")
-        model.init_weights()
+        init_weights(model, seed=args.seed)
         save_pretrained(model, args.out, dtype=torch.float32)
         print(f"wrote {args.preset} ({model.args.num_params() / 1e6:.2f} M parameters) to {args.out}")
     if args.check is not None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.init import init_weights
+
 from kernels import attention, dispatch, reference
 from tests.conftest import rel_err
 
@@ -233,7 +235,7 @@ def test_model_attention_goes_through_varlen_attention(monkeypatch):
     monkeypatch.setattr("kernels.varlen_attention", spy)
     args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4, num_kv_heads=2)
     model = build_model(args, device="cpu")
-    model.init_weights()
+    init_weights(model)
     model(torch.arange(37) % 50, cu_seqlens=_cu(LENGTHS), max_seqlen=17)
     assert calls == [([0, 5, 6, 6, 23, 37], 17)] * 3
 

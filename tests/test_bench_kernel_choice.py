@@ -8,6 +8,7 @@ import torch
 import kernels
 from benchmarks.bench_train_step import SWEEPS
 from benchmarks.kernel_choice import kernel_choice
+from model.init import init_weights
 from model.qwen2 import build_model
 from kernels import reference
 from kernels.triton_common import interpreting
@@ -32,7 +33,7 @@ def test_the_liger_swap_reaches_the_model_and_is_undone(monkeypatch):
 
     original = kernels.rmsnorm, kernels.fused_linear_cross_entropy
     model = build_model(replace(SWEEPS["smoke"].args, num_layers=2), device="cpu")
-    model.init_weights()
+    init_weights(model)
     ids = torch.randint(0, 203, (37,))
     with kernel_choice("liger", torch.device("cpu"), liger=fake_liger):
         model(ids, labels=ids)

@@ -325,6 +325,8 @@ def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp
     from the RAM that happens to be free, and it is not touched until used."""
     import torch
 
+    from model.init import init_weights
+
     from model.qwen2 import PRESETS, build_model
     from model.weights import save_pretrained
     from eval.sampler import LLM
@@ -332,7 +334,7 @@ def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp
 
     torch.manual_seed(0)
     model = build_model(PRESETS["tiny"], device="cpu")
-    model.init_weights()
+    init_weights(model)
     save_pretrained(model, tmp_path / "tiny", dtype=torch.float32)
     args = PRESETS["tiny"]
     page = 2 * args.num_layers * 16 * args.num_kv_heads * args.head_dim * 4

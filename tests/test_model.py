@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from model.init import init_weights
 from model.qwen2 import PRESETS, ArchitectureError, ModelArgs, build_model, positions_from_cu_seqlens
 from tests.conftest import ours_from_hf, random_hf_qwen2, rel_err, shared_path
 
@@ -84,7 +85,7 @@ def test_meta_construction_allocates_nothing_and_materialises():
     tiny = build_model(PRESETS["tiny"], device="meta")
     tiny.to_empty(device="cpu")
     tiny.tie_weights()
-    tiny.init_weights()
+    init_weights(tiny)
     assert all(torch.isfinite(p).all() for p in tiny.parameters())
     assert tiny(torch.arange(10)).shape == (10, 128)
 
