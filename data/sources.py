@@ -222,7 +222,7 @@ def _key(sample: Sample) -> tuple[tuple[str, str], ...]:
 
 def iter_records(path: str, fmt: Format = "auto") -> Iterator[tuple[str, str, dict, Sample]]:
     """(file, format, raw record, its Sample) for every record of a file or hub dataset, in file
-    order: for tools that must pass the record itself through (data.curate), not only train on it."""
+    order: for tools that must pass the record itself through (curate), not only train on it."""
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r}; allowed: {', '.join(FORMATS)}")
     for file in resolve_files(path):

@@ -60,8 +60,8 @@ def _check_benchmarks(items: list[str]) -> None:
     """Each `name` or `name=source` (eval.run's syntax) names a known benchmark whose local file
     reads; `hf:` sources are fetched later."""
     # Imported here, not at the top: engine never imports eval when it loads (eval builds on
-    # engine), and the names live in one place, eval/benchmarks.py's SUITE.
-    from eval.benchmarks import SUITE, SYNTHETIC, load_benchmark
+    # engine), and the names live in one place, data/suites.py's SUITE.
+    from data.suites import SUITE, SYNTHETIC, load_benchmark
 
     for item in items:
         name, _, source = item.strip().partition("=")

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from eval.benchmarks import DEFAULT_DATA, SUITE, Benchmark, Problem, load_benchmark
+from data.suites import DEFAULT_DATA, SUITE, Benchmark, Problem, load_benchmark
 from eval.generators import Completion, Request, as_generator
 from eval.grading import DEFAULT_TIMEOUT_S, extract_answer, is_equivalent
 from eval.results import SampleResult, append_results, format_table, load_results, rewrite_results, summarize

@@ -1,4 +1,4 @@
-"""python -m data.curate end to end: the output contract, resume and rerun, and the difficulty step
+"""python -m curate end to end: the output contract, resume and rerun, and the difficulty step
 on the demo's tiny model through our sampler, killed mid-way and resumed."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from data.curate.__main__ import main
+from curate.__main__ import main
 from data.sources import load_records
 from tests.conftest import ROOT, shared_path
 
@@ -129,7 +129,7 @@ def _curate(argv: list[str], crash: bool = False) -> subprocess.CompletedProcess
     far too slow to sample with); `crash`: SIGKILLed once its first batch is on disk."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CURATE_CRASH_AFTER_BATCHES")}
     env |= {"KERNELS_BACKEND": "torch"} | ({"CURATE_CRASH_AFTER_BATCHES": "1"} if crash else {})
-    return subprocess.run([sys.executable, "-m", "data.curate", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "curate", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 
 

@@ -1,4 +1,4 @@
-"""data.curate: the shared normalisation, dedup and decontamination on planted cases."""
+"""curate: the shared normalisation, dedup and decontamination on planted cases."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from data.curate.decontaminate import _QUESTION_KEYS, remove_contaminated
-from data.curate.dedup import remove_duplicates
-from data.curate.text import canonical, tokens
+from curate.decontaminate import _QUESTION_KEYS, remove_contaminated
+from curate.dedup import remove_duplicates
+from curate.text import canonical, tokens
 from tests.conftest import shared_path
 
 

@@ -1,4 +1,4 @@
-"""data.curate: the difficulty band's edges, the chain scorer on crafted chains, selection with caps."""
+"""curate: the difficulty band's edges, the chain scorer on crafted chains, selection with caps."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from data.curate.difficulty import draw_and_grade, filter_by_band, parse_band
-from data.curate.score import DEFAULT_WEIGHTS, parse_weights, percentiles, score_chains, traits
-from data.curate.select import select_top
+from curate.difficulty import draw_and_grade, filter_by_band, parse_band
+from curate.score import DEFAULT_WEIGHTS, parse_weights, percentiles, score_chains, traits
+from curate.select import select_top
 from eval.generators import Completion
 
 

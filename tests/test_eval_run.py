@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from eval.benchmarks import Benchmark, Problem, records_benchmark
+from data.suites import Benchmark, Problem, records_benchmark
 from eval.generators import Completion, LLMGenerator, Request, chat_token_ids
 from eval.grading import pass_at_k
 from eval.results import load_results

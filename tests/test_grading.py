@@ -315,7 +315,7 @@ def test_pathological_input_is_false_within_the_limit_off_the_main_thread(pred, 
 
 
 def test_worker_failures_raise_instead_of_grading_false():
-    from eval.benchmarks import load_benchmark
+    from data.suites import load_benchmark
     from eval.equivalence import equivalent
     from eval.timelimit import WorkerError, WorkerPool
 

@@ -27,7 +27,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from data.curate.records import mark_removed
+from curate.records import mark_removed
 from eval.grading import extract_answer, is_equivalent
 
 TRAITS = ("elaborated", "self_verification", "exploratory", "granularity")

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from data.curate.records import REASONS
+from curate.records import REASONS
 
 
 def _plot_hist(path: Path, title: str, xlabel: str, series: dict[str, list[float]], bins: int = 30) -> None:

@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from data.curate.decontaminate import remove_contaminated
-from data.curate.dedup import remove_duplicates
-from data.curate.difficulty import draw_and_grade, filter_by_band
-from data.curate.records import StepDir, as_limo, as_removal, file_hash, read_jsonl, read_pool, write_jsonl
-from data.curate.report import write_report
-from data.curate.score import score_chains
-from data.curate.select import select_top
+from curate.decontaminate import remove_contaminated
+from curate.dedup import remove_duplicates
+from curate.difficulty import draw_and_grade, filter_by_band
+from curate.records import StepDir, as_limo, as_removal, file_hash, read_jsonl, read_pool, write_jsonl
+from curate.report import write_report
+from curate.score import score_chains
+from curate.select import select_top
 
 STEPS = ("dedup", "decontaminate", "difficulty", "score", "select")
 

@@ -1,4 +1,4 @@
-"""eval.benchmarks: LIMO's ten benchmark files, GPQA's option shuffle, other sources."""
+"""data.suites: LIMO's ten benchmark files, GPQA's option shuffle, other sources."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from eval.benchmarks import SUITE, RecordError, gpqa_shuffle, load_benchmark, records_benchmark
+from data.suites import SUITE, RecordError, gpqa_shuffle, load_benchmark, records_benchmark
 from tests.conftest import shared_path
 
 COUNTS = {"aime24": 30, "amc23": 40, "math500": 500, "olympiadbench": 675, "gpqa": 198, "minerva": 272, "chmath": 30,

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from data.curate.records import mark_removed
-from eval.benchmarks import Problem
+from curate.records import mark_removed
+from data.suites import Problem
 from eval.generators import Completion, Request
 from eval.grading import extract_answer
 from eval.results import SampleResult, append_results, load_results

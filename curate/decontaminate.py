@@ -2,7 +2,7 @@
 
 The evaluation suites are every `<dir>/<name>/test.jsonl` under --eval-dir (default
 ../shared/data/eval: LIMO's ten benchmarks); a removal names the folder. After the shared
-normalisation (data/curate/text.py: whitespace, math delimiters, number formats, a "Problem 7."
+normalisation (curate/text.py: whitespace, math delimiters, number formats, a "Problem 7."
 label and the opening verb), two tests run, and either catches:
 
 - long n-grams: the share of 8-token n-grams the pool problem has in common with one evaluation
@@ -26,8 +26,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.curate.records import mark_removed
-from data.curate.text import jaccard, lsh_index, minhashes, ngrams, numbers, tokens
+from curate.records import mark_removed
+from curate.text import jaccard, lsh_index, minhashes, ngrams, numbers, tokens
 
 NGRAM = 8
 BOILERPLATE_ITEMS = 5

@@ -1,6 +1,6 @@
 """Step 1, dedup: one record per cluster of exact or near-duplicate problems.
 
-Problems are compared on their canonical text (data/curate/text.py). Exact duplicates share a
+Problems are compared on their canonical text (curate/text.py). Exact duplicates share a
 canonical string; near duplicates are pairs whose token-trigram sets have a Jaccard similarity of
 at least `threshold`, found through MinHash LSH and then verified exactly (an LSH candidate alone
 merges nothing). Links are closed transitively into clusters.
@@ -13,8 +13,8 @@ uid it is known by, for the report.
 
 from __future__ import annotations
 
-from data.curate.records import mark_removed
-from data.curate.text import canonical, jaccard, lsh_index, minhashes, ngrams, tokens, union_find
+from curate.records import mark_removed
+from curate.text import canonical, jaccard, lsh_index, minhashes, ngrams, tokens, union_find
 
 SHINGLE = 3
 DEFAULT_THRESHOLD = 0.8

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from data.curate.records import mark_removed
-from data.curate.text import jaccard, lsh_index, minhashes, ngrams, tokens, union_find
+from curate.records import mark_removed
+from curate.text import jaccard, lsh_index, minhashes, ngrams, tokens, union_find
 
 DEFAULT_N = 817
 DEFAULT_FAMILY_THRESHOLD = 0.5

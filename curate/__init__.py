@@ -1,6 +1,6 @@
 """Curation: from a large pool of problems with reasoning chains to the few hundred LIMO trains on.
 
-    python -m data.curate --pool FILE [FILE...] --out DIR [--steps dedup,decontaminate,difficulty,score,select]
+    python -m curate --pool FILE [FILE...] --out DIR [--steps dedup,decontaminate,difficulty,score,select]
 
 One module per step, each reading the previous step's records and writing its own under
 DIR/steps/<step>/ (pipeline.py runs them, resumably): dedup -> decontaminate -> difficulty ->

@@ -1,17 +1,17 @@
-"""`python -m data.curate`: the command line (see data/curate/__init__.py and README's Curation)."""
+"""`python -m curate`: the command line (see curate/__init__.py and README's Curation)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from data.curate.decontaminate import DEFAULT_OVERLAP, DEFAULT_SIMILARITY
-from data.curate.dedup import DEFAULT_THRESHOLD
-from data.curate.difficulty import parse_band
-from data.curate.pipeline import STEPS, run
-from data.curate.score import DEFAULT_WEIGHTS, TRAITS, parse_weights
-from data.curate.select import DEFAULT_FAMILY_THRESHOLD, DEFAULT_N
-from eval.benchmarks import DEFAULT_DATA
+from curate.decontaminate import DEFAULT_OVERLAP, DEFAULT_SIMILARITY
+from curate.dedup import DEFAULT_THRESHOLD
+from curate.difficulty import parse_band
+from curate.pipeline import STEPS, run
+from curate.score import DEFAULT_WEIGHTS, TRAITS, parse_weights
+from curate.select import DEFAULT_FAMILY_THRESHOLD, DEFAULT_N
+from data.suites import DEFAULT_DATA
 
 
 def _checked(parse):
@@ -34,7 +34,7 @@ def _steps(text: str) -> tuple[str, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data.curate", description="Curate a LIMO-style training set from a pool.")
+    p = argparse.ArgumentParser(prog="python -m curate", description="Curate a LIMO-style training set from a pool.")
     p.add_argument("--pool", nargs="+", required=True, help="pool files (.jsonl, .json, .parquet) or hub ids in any layout "
                    "data/sources.py reads: LIMO, messages, alpaca")
     p.add_argument("--out", required=True, help="output folder: kept.jsonl, removed.jsonl, report.md, figures/, steps/")
