@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = read_pool(args.pool)
     args.model_id = None
     if args.model:
-        from eval.run import model_fingerprint
+        from model.weights import model_fingerprint
 
         args.model_id = model_fingerprint(args.model)
     rows, input_hash = pool, _pool_hash(args.pool)

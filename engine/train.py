@@ -4,7 +4,11 @@
     python engine/train.py --help        # every config key, its type, default and meaning
 
 NCCL on GPUs, gloo on CPU; a plain `python engine/train.py ...` runs a world of one. Rerunning
-the same command resumes from the newest complete checkpoint in train.output_dir.
+the same command resumes from the newest complete checkpoint in train.output_dir. The run, in
+order: check the config against the world (preflight, before any process group); plan the memory
+(before any download); load the data; build the model, its shards and the optimizer
+(`build_training`, which the benchmarks use too); resume; the steps (`train_step`, one screen);
+export; and evaluate the export in a process of its own (`python -m eval.run`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (torchrun engine/train.py): import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -25,17 +32,17 @@ import torch.distributed as dist
 import kernels
 from engine.checkpoint import Checkpointer, crash_point
 from engine.config import Config, ConfigError, check_resume, describe_keys, load_config, resume_settings
+from engine.distributed import Distributed, init_distributed
 from engine.export import export_hf
-from engine.memory import ExecutionPath, PeakProbe, checkpoint_bytes, device_capacity_gib, plan_memory, record_peaks
+from engine.memory import ExecutionPath, MemoryPlan, PeakProbe, checkpoint_bytes, device_capacity_gib, plan_memory, record_peaks
 from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb
-from model.flops import step_flops, step_flops_torchtitan
-from model.qwen2 import PRESETS, build_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.distributed import init_distributed
-from engine.sharding import parallelize
-from model.init import materialize
 from engine.preflight import preflight
-from model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
+from engine.sharding import parallelize
+from model.flops import step_flops, step_flops_torchtitan
+from model.init import materialize
+from model.qwen2 import PRESETS, ModelArgs, Qwen2, build_model
+from model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, model_fingerprint, resolve_model_dir
 
 log = logging.getLogger("engine.train")
 
@@ -73,29 +80,50 @@ def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device
     return torch.stack([loss_sum / divisor, norm])
 
 
-def train(cfg: Config) -> None:
-    from data.dataset import load_samples, resolve_tokenizer
-    from data.loader import PackedLoader
-    from data.packing import CostModel
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
 
-    d = init_distributed(cfg.train.device, cfg.parallel.dp_replicate, cfg.parallel.cpu_offload)
-    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    kernels.set_backend(cfg.train.kernels)
-    torch.manual_seed(cfg.train.seed)
-    out = Path(cfg.train.output_dir)
 
-    d.check_shared_folder(out)
-    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
-    planned, source = model_args(cfg)  # config.json alone (or a built-in config offline): "will it fit?" before any download
-    plan = plan_memory(cfg, planned, d.world_size, *device_capacity_gib(d.device), path=ExecutionPath.of(d.device.type, dtype),
-                       baseline_gib=PeakProbe(d.device).baseline_gib)  # fmt: skip
-    log.info("memory plan per rank (%s; model config: %s):\n%s", d.device.type, source, plan.report())
+def plan_run(cfg: Config, world: Distributed) -> tuple[MemoryPlan, ModelArgs]:
+    """The memory plan from the model's config.json alone (or a built-in config offline), so that
+    "will it fit?" is answered before any download; refused when it does not fit. Returns it with
+    the architecture it planned for."""
+    planned, source = model_args(cfg)
+    plan = plan_memory(cfg, planned, world.world_size, *device_capacity_gib(world.device),
+                       path=ExecutionPath.of(world.device.type, compute_dtype(cfg)), baseline_gib=PeakProbe(world.device).baseline_gib)  # fmt: skip
+    log.info("memory plan per rank (%s; model config: %s):\n%s", world.device.type, source, plan.report())
     if not plan.fits and cfg.train.memory_check:
         raise RuntimeError(
             f"the memory planner puts this run at {plan.peak_gib:.1f} GiB per rank, over the {plan.capacity_gib:.1f} GiB "
             f"usable (python -m engine.memory --config ... shows the breakdown); run anyway with --train.memory_check=false"
         )
-    with d.node_leaders_first():  # hub ids download once per node
+    return plan, planned
+
+
+def build_training(cfg: Config, args: ModelArgs, world: Distributed, checkpoint: HFCheckpoint | None = None) -> tuple[Qwen2, torch.optim.Optimizer]:
+    """The model as the run trains it: built on the meta device in fp32 (the master weights), the
+    plan of engine/sharding.py applied, each rank's shards filled (from `checkpoint`, else by
+    model/init.py's rule), and the optimizer over the shards, where they live."""
+    model = build_model(args, device="meta", dtype=torch.float32)
+    parallelize(model, world.mesh, cfg.parallel, param_dtype=compute_dtype(cfg))
+    materialize(model, world.device, checkpoint, seed=cfg.train.seed, std=cfg.model.init_std, cpu_offload=cfg.parallel.cpu_offload)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else world.device)
+    return model, optimizer
+
+
+def train(cfg: Config) -> None:
+    from data.dataset import load_samples, resolve_tokenizer
+    from data.loader import PackedLoader
+    from data.packing import CostModel
+
+    world = init_distributed(cfg.train.device, cfg.parallel.dp_replicate, cfg.parallel.cpu_offload)
+    logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    kernels.set_backend(cfg.train.kernels)
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    world.check_shared_folder(out)
+    plan, planned = plan_run(cfg, world)
+    with world.node_leaders_first():  # hub ids download once per node
         model_dir = resolve_model_dir(cfg.model.path) if cfg.model.path else None
         tokenizer = resolve_tokenizer(cfg.data, model_path=model_dir)
         samples, report = load_samples(cfg.data, tokenizer)
@@ -105,55 +133,65 @@ def train(cfg: Config) -> None:
         raise ConfigError(f"the data holds token id {report.max_token_id} but the model's vocab_size is {args.vocab_size}")
     loader = PackedLoader(
         samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
-        epochs=cfg.train.epochs, world_size=d.world_size, rank=d.rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
+        epochs=cfg.train.epochs, world_size=world.world_size, rank=world.rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
     )
-    total_steps = min(cfg.train.max_steps or loader.total_steps, loader.total_steps)
-
-    checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, d.rank)
+    checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, world.rank)
     latest = checkpointer.resume_point()
     if latest is not None and not cfg.checkpoint.resume:  # a fresh run's saves would interleave with the old ones
         raise RuntimeError(
             f"checkpoint.resume=false, but {checkpointer.root} holds checkpoints of an earlier run (newest: {latest.name}); "
             "choose another train.output_dir, or remove that folder"
         )
-
     if args != planned:  # the folder's config.json differs from the built-in one planned offline
-        plan = plan_memory(cfg, args, d.world_size, *device_capacity_gib(d.device), path=ExecutionPath.of(d.device.type, dtype))
-    probe = PeakProbe(d.device)  # from here on, memory is the training's: held against the plan in memory.json
-    model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
-    parallelize(model, d.mesh, cfg.parallel, param_dtype=dtype)
-    materialize(model, d.device, hf, seed=cfg.train.seed, std=cfg.model.init_std, cpu_offload=cfg.parallel.cpu_offload)
+        plan = plan_memory(cfg, args, world.world_size, *device_capacity_gib(world.device),
+                           path=ExecutionPath.of(world.device.type, compute_dtype(cfg)))  # fmt: skip
+    probe = PeakProbe(world.device)  # from here on, memory is the training's: held against the plan in memory.json
+    model, optimizer = build_training(cfg, args, world, hf)
     if hf:
         hf.close()  # every rank has its slices: unmap the safetensors files
-    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else d.device)  # where the shards live
+    total_steps = min(cfg.train.max_steps or loader.total_steps, loader.total_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    step, bad_steps = 0, 0
-
-    if latest is not None:
-        state = checkpointer.load(latest, model, optimizer)
-        check_resume(cfg, state.get("settings", {}), str(latest))  # the preflight saw the newest; a fallback may be older
-        step, bad_steps = state["step"], state["bad_steps"]
-        scheduler.load_state_dict(state["scheduler"])
-        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]  # this run's peak (checkpoint.override)
-        scheduler.last_epoch -= 1
-        scheduler.step()  # this run's lr at the restored step, into the param groups: the saved one unless overridden
-        loader.load_state_dict(state["loader"])
-        log.info("resumed from %s (step %d)", latest, step)
-
-    def save(epoch: int) -> None:
-        train_state = {"step": step, "epoch": epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                       "settings": resume_settings(cfg)}
-        checkpointer.save(step, model, optimizer, train_state)
-
+    position = resume(cfg, checkpointer, latest, model, optimizer, scheduler, loader) if latest is not None else (0, 0)
     checkpointer.check_room(checkpoint_bytes(cfg, args))  # warns when the filesystem cannot hold the checkpoints to come
+    run_steps(cfg, world, out, args, model, optimizer, scheduler, loader, checkpointer, total_steps, position)
+    record_peaks(out / "memory.json", plan, probe, world.rank, world.world_size)
+    if cfg.checkpoint.export_hf:
+        base_generation = model_dir / GENERATION_CONFIG if model_dir else None  # sampling defaults vLLM reads
+        if base_generation and not base_generation.is_file():
+            base_generation = None
+        export_hf(model, out / "hf", world.rank, dtype=compute_dtype(cfg), tokenizer=tokenizer, generation_config=base_generation)
+        log.info("exported the model to %s", out / "hf")
+    dist.barrier()
+    dist.destroy_process_group()
+    if cfg.eval.benchmarks and cfg.checkpoint.export_hf and world.is_main:
+        evaluate_export(cfg, out, world.device)
 
-    metrics = MetricsLogger(out, d.is_main, total_steps, step, cfg.train.tensorboard)
-    peak = peak_flops(d.device)
+
+def resume(cfg: Config, checkpointer: Checkpointer, latest: Path, model: Qwen2, optimizer: torch.optim.Optimizer, scheduler: Any,
+           loader: Any) -> tuple[int, int]:  # fmt: skip
+    """Restore a checkpoint into model, optimizer, schedule and loader; returns (step, bad steps in a row)."""
+    state = checkpointer.load(latest, model, optimizer)
+    check_resume(cfg, state.get("settings", {}), str(latest))  # the preflight saw the newest; a fallback may be older
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]  # this run's peak (checkpoint.override)
+    scheduler.last_epoch -= 1
+    scheduler.step()  # this run's lr at the restored step, into the param groups: the saved one unless overridden
+    loader.load_state_dict(state["loader"])
+    log.info("resumed from %s (step %d)", latest, state["step"])
+    return state["step"], state["bad_steps"]
+
+
+def run_steps(cfg: Config, world: Distributed, out: Path, args: ModelArgs, model: Qwen2, optimizer: torch.optim.Optimizer,
+              scheduler: Any, loader: Any, checkpointer: Checkpointer, total_steps: int, position: tuple[int, int]) -> None:  # fmt: skip
+    """The optimizer steps from `position` (step, bad steps in a row) to total_steps: each one
+    train_step, its one host read, the update (or a skip when not finite), metrics, checkpoints."""
+    step, bad_steps = position
+    metrics = MetricsLogger(out, world.is_main, total_steps, step, cfg.train.tensorboard)
     last_sync = time.perf_counter()
     model.train()
     for batch in loader if step < total_steps else ():
         divisor = max(batch.num_label_tokens, 1)
-        loss_value, norm_value = train_step(model, batch.micro_batches, divisor, d.device, cfg.train.max_grad_norm).tolist()  # host sync
+        loss_value, norm_value = train_step(model, batch.micro_batches, divisor, world.device, cfg.train.max_grad_norm).tolist()  # host sync
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             optimizer.step()
             bad_steps = 0
@@ -166,45 +204,40 @@ def train(cfg: Config) -> None:
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
-
         now = time.perf_counter()
         step_time, last_sync = now - last_sync, now
-        flops = step_flops(args, batch.seqlens)
-        metrics.log({
-            "step": step, "epoch": batch.epoch, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-            "tokens": batch.num_tokens, "label_tokens": batch.num_label_tokens, "step_time": step_time,
-            "tokens_per_s": batch.num_tokens / step_time, "tokens_per_s_per_device": batch.num_tokens / step_time / d.world_size,
-            "mfu": flops / step_time / (peak * d.world_size) if peak else None,
-            "mfu_torchtitan": step_flops_torchtitan(args, batch.num_tokens, cfg.data.tokens_per_microbatch) / step_time / (peak * d.world_size) if peak else None,
-            "mem_gb": peak_memory_gb(d.device), "skipped": bad_steps > 0,
-        })
+        metrics.log({"step": step, "epoch": batch.epoch, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                     **step_rates(cfg, world, args, batch, step_time), "mem_gb": peak_memory_gb(world.device), "skipped": bad_steps > 0})  # fmt: skip
         crash_point(f"step:{step}")
         epoch_end = step % loader.steps_per_epoch == 0 and cfg.checkpoint.at_epoch_end
         periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
         if epoch_end or periodic or step == total_steps:
-            save(batch.epoch)
+            train_state = {"step": step, "epoch": batch.epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(),
+                           "loader": loader.state_dict(), "settings": resume_settings(cfg)}  # fmt: skip
+            checkpointer.save(step, model, optimizer, train_state)
             last_sync = time.perf_counter()  # the next step's time leaves the save out
         if step >= total_steps:
             break
     metrics.close()
-    record_peaks(out / "memory.json", plan, probe, d.rank, d.world_size)
 
-    if cfg.checkpoint.export_hf:
-        base_generation = model_dir / GENERATION_CONFIG if model_dir else None  # sampling defaults vLLM reads
-        if base_generation and not base_generation.is_file():
-            base_generation = None
-        export_hf(model, out / "hf", d.rank, dtype=dtype, tokenizer=tokenizer, generation_config=base_generation)
-        log.info("exported the model to %s", out / "hf")
-    dist.barrier()
-    dist.destroy_process_group()
-    if cfg.eval.benchmarks and cfg.checkpoint.export_hf and d.is_main:
-        evaluate_export(cfg, out, d.device)
+
+def step_rates(cfg: Config, world: Distributed, args: ModelArgs, batch: Any, step_time: float) -> dict[str, Any]:
+    """Tokens, throughput and MFU of one step (ours, causal, and torchtitan's, for comparisons)."""
+    peak = peak_flops(world.device)
+    devices = peak * world.world_size if peak else None
+    titan = step_flops_torchtitan(args, batch.num_tokens, cfg.data.tokens_per_microbatch)
+    return {
+        "tokens": batch.num_tokens, "label_tokens": batch.num_label_tokens, "step_time": step_time,
+        "tokens_per_s": batch.num_tokens / step_time, "tokens_per_s_per_device": batch.num_tokens / step_time / world.world_size,
+        "mfu": step_flops(args, batch.seqlens) / step_time / devices if devices else None,
+        "mfu_torchtitan": titan / step_time / devices if devices else None,
+    }  # fmt: skip
 
 
 def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
-    """Rank 0 alone, after the process group is gone: the other ranks never wait on a collective."""
-    from eval.run import LIMO_SYSTEM_PROMPT, evaluate_folder, model_fingerprint
-
+    """Rank 0 alone, after the process group is gone: `python -m eval.run` on the export, in a
+    process of its own. The evaluation gets a fresh CUDA context, the other ranks never wait on a
+    collective, and training never imports the evaluation (docs/ARCHITECTURE.md: its layers)."""
     results, fingerprint = out / "eval", model_fingerprint(out / "hf")
     if (results / "config.json").is_file():  # results of an earlier export (a longer run since): set them aside
         earlier = json.loads((results / "config.json").read_text()).get("model")
@@ -212,14 +245,21 @@ def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
             aside = out / f"eval-{earlier or 'unknown'}"
             log.warning("%s holds results of another export (model %s); moved to %s", results, earlier, aside)
             results.rename(aside)
-    log.info("evaluating %s on %s", out / "hf", ", ".join(cfg.eval.benchmarks))
-    evaluate_folder(
-        out / "hf", cfg.eval.benchmarks, results, device=device.type,
-        dtype="bfloat16" if device.type == "cuda" else "float32",
-        samples=cfg.eval.samples or None, temperature=cfg.eval.temperature if cfg.eval.samples else None,
-        max_tokens=cfg.eval.max_tokens, limit=cfg.eval.limit or None,
-        system_prompt=cfg.data.system_prompt or LIMO_SYSTEM_PROMPT, fingerprint=fingerprint,
-    )
+    command = [sys.executable, "-m", "eval.run", "--model", str(out / "hf"), "--benchmarks", ",".join(cfg.eval.benchmarks),
+               "--out", str(results), "--device", device.type, "--dtype", "bfloat16" if device.type == "cuda" else "float32",
+               "--max-tokens", str(cfg.eval.max_tokens)]  # fmt: skip
+    if cfg.eval.samples:
+        command += ["--samples", str(cfg.eval.samples), "--temperature", str(cfg.eval.temperature)]
+    if cfg.eval.limit:
+        command += ["--limit", str(cfg.eval.limit)]
+    if cfg.data.system_prompt:
+        command += ["--system-prompt", cfg.data.system_prompt]
+    log.info("evaluating %s on %s: %s", out / "hf", ", ".join(cfg.eval.benchmarks), " ".join(command[1:]))
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the evaluation of {out / 'hf'} failed (exit code {done.returncode}): {' '.join(command[1:])}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.suites import DEFAULT_DATA, SUITE, Benchmark, Problem, load_benchmark
+from model.weights import model_fingerprint
 from eval.generators import Completion, Request, as_generator
 from eval.grading import DEFAULT_TIMEOUT_S, extract_answer, is_equivalent
 from eval.results import SampleResult, append_results, format_table, load_results, rewrite_results, summarize
@@ -38,22 +39,6 @@ def sample_seed(seed: int, benchmark: str, problem_id: str, sample: int) -> int:
     """A 31-bit seed per sample, fixed by its identity alone: resumed == uninterrupted."""
     digest = hashlib.sha256(f"{seed}:{benchmark}:{problem_id}:{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """A short content hash of an HF model folder: config.json, and each weight file's size and 16
-    sampled 64 KiB windows. Retrained weights change it; re-exporting the same weights does not.
-    Cheap for a 65 GB model (1 MiB read per file)."""
-    folder = Path(model_dir)
-    h = hashlib.sha256((folder / "config.json").read_bytes())
-    for file in sorted(folder.glob("*.safetensors")):
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as f:
-            for k in range(16):
-                f.seek(size * k // 16)
-                h.update(f.read(1 << 16))
-    return h.hexdigest()[:16]
 
 
 def grade_completion(problem: Problem, completion: Completion, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[str | None, bool]:

@@ -117,7 +117,7 @@ def test_model_fingerprint_follows_the_weights_not_the_writes(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from eval.run import model_fingerprint
+    from model.weights import model_fingerprint
 
     folder = tmp_path / "m"
     folder.mkdir()

@@ -204,6 +204,17 @@ def test_bad_config_fails_before_any_process_group(args, message):
     assert "init_process_group" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_the_run_ends_by_evaluating_its_export_in_a_process_of_its_own(tmp_path):
+    """train.py hands its export to `python -m eval.run` (a child process: training never imports
+    the evaluation), whose results land in output_dir/eval."""
+    out = tmp_path / "run"
+    proc = train(out, 1, "--train.max_steps=1", "--eval.benchmarks=synthetic", "--eval.limit=3", "--eval.max_tokens=8")
+    assert "-m eval.run --model" in proc.stderr
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert [(s["benchmark"], s["problems"]) for s in summary] == [("synthetic", 3)]
+    assert json.loads((out / "eval" / "config.json").read_text())["max_tokens"] == 8
+
+
 def test_help_lists_the_command_line_contract():
     proc = subprocess.run([sys.executable, "engine/train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
