@@ -12,9 +12,10 @@ would take hundreds of MB per rank.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -46,6 +47,19 @@ class EncodedSample:
         return len(self.input_ids)
 
 
+class DataSettings(Protocol):
+    """What loading reads of a run's data settings: engine.config.DataConfig, or any object with
+    these attributes (data.inspect builds its own from the command line)."""
+
+    path: str
+    format: str
+    tokenizer: str | None
+    system_prompt: str | None
+    max_tokens: int
+    overlong: str
+    synthetic_samples: int
+
+
 @dataclass
 class DataReport:
     source: str = ""
@@ -74,7 +88,7 @@ class DataReport:
         return asdict(self)
 
 
-def resolve_tokenizer(data_cfg: Any, model_path: str | None = None) -> Any:
+def resolve_tokenizer(data_cfg: DataSettings, model_path: str | os.PathLike | None = None) -> Any:
     """data.tokenizer, else the model folder's tokenizer, else the byte-level one for synthetic data."""
     from transformers import AutoTokenizer
 
@@ -91,7 +105,7 @@ def resolve_tokenizer(data_cfg: Any, model_path: str | None = None) -> Any:
         raise DataError(f"{key}={folder!r}: cannot load a tokenizer from it ({e})") from None
 
 
-def _records(data_cfg: Any, seed: int) -> tuple[list[Sample], str, str, int]:
+def _records(data_cfg: DataSettings, seed: int) -> tuple[list[Sample], str, str, int]:
     if data_cfg.path == "synthetic":
         records = synthetic.train_split(data_cfg.synthetic_samples, seed)
         samples = [Sample(synthetic.messages(r), f"synthetic[{i}]", r["answer"]) for i, r in enumerate(records)]
@@ -102,8 +116,8 @@ def _records(data_cfg: Any, seed: int) -> tuple[list[Sample], str, str, int]:
     return samples, data_cfg.path, source.format, len(source.duplicates)
 
 
-def load_samples(data_cfg: Any, tokenizer: Any, seed: int = 0) -> tuple[list[EncodedSample], DataReport]:
-    """Read, render, tokenize and cut every sample of `data_cfg` (an engine.config.DataConfig).
+def load_samples(data_cfg: DataSettings, tokenizer: Any, seed: int = 0) -> tuple[list[EncodedSample], DataReport]:
+    """Read, render, tokenize and cut every sample of `data_cfg` (DataSettings: a run's data section).
 
     `seed` picks the synthetic demo set (fixed at 0 by default, so the held-out split is stable).
     """

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from types import SimpleNamespace
 from typing import Sequence
 
 from data.dataset import load_samples, resolve_tokenizer
 from data.loader import PackedLoader
 from data.packing import CostModel, plan
 from data.sources import DataError
-from engine.config import ConfigError, DataConfig
 from model.qwen2 import PRESETS
 
 
@@ -77,14 +77,22 @@ def main(argv: list[str] | None = None) -> str:
                    help="architecture whose FLOPs weigh each sample for the rank split, as training does (default qwen2.5-32b)")
     p.add_argument("--bins", type=int, default=12, help="histogram bins")
     args = p.parse_args(argv)
-    cfg = DataConfig(
+    cfg = SimpleNamespace(  # a data.dataset.DataSettings, as a run's [data] section would say it
         path=args.data, format=args.format, tokenizer=args.tokenizer, system_prompt=args.system_prompt, max_tokens=args.max_tokens,
         overlong=args.overlong, tokens_per_microbatch=args.tokens_per_microbatch or args.max_tokens, samples_per_step=args.samples_per_step,
+        synthetic_samples=817,
     )
+    sizes = {"--max-tokens": cfg.max_tokens, "--tokens-per-microbatch": cfg.tokens_per_microbatch, "--samples-per-step": cfg.samples_per_step,
+             "--world-size": args.world_size}  # fmt: skip
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    if bad:
+        raise SystemExit(f"python -m data.inspect: {', '.join(bad)} must be >= 1")
+    if cfg.tokens_per_microbatch < cfg.max_tokens:
+        raise SystemExit(f"python -m data.inspect: --tokens-per-microbatch={cfg.tokens_per_microbatch} is smaller than "
+                         f"--max-tokens={cfg.max_tokens}: the longest sample must fit one micro-batch")
     try:
-        cfg.check()
         samples, report = load_samples(cfg, resolve_tokenizer(cfg))
-    except (ConfigError, DataError) as e:
+    except DataError as e:
         raise SystemExit(f"python -m data.inspect: {e}") from None
     lengths = sorted(len(s) for s in samples)
     cost = CostModel.for_model(PRESETS[args.model_preset])

@@ -39,5 +39,5 @@ def test_inspect_bad_input_is_one_clear_line(tmp_path):
     synthetic.byte_tokenizer().save_pretrained(str(tmp_path / "tok"))
     with pytest.raises(SystemExit, match=f"python -m data.inspect: {tmp_path / 'bad.jsonl'}:1: field 'solution' is missing"):
         data_inspect.main(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "tok")])
-    with pytest.raises(SystemExit, match="data.tokens_per_microbatch=100 is smaller than data.max_tokens=200"):
+    with pytest.raises(SystemExit, match="--tokens-per-microbatch=100 is smaller than --max-tokens=200"):
         data_inspect.main(["--data", "synthetic", "--max-tokens", "200", "--tokens-per-microbatch", "100"])
