@@ -20,14 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tqdm import tqdm
-
 from curate.records import mark_removed
-from data.suites import Problem
 from eval.generators import Completion, Request
-from eval.grading import extract_answer
+from eval.grading import extract_answer, grade
 from eval.results import SampleResult, append_results, load_results
-from eval.run import LIMO_SYSTEM_PROMPT, grade_completion, sample_seed
+from eval.run import LIMO_SYSTEM_PROMPT, sample_seed
+from tools.progress import progress_bar
 
 BENCHMARK = "curate"
 
@@ -73,24 +71,22 @@ def draw_and_grade(pool: list[dict], generate: Callable[[Sequence[Request]], lis
     todo = [(e, j) for e in pool for j in range(samples) if (e["uid"], j) not in done]
     verdicts: dict[tuple[str | None, str], bool] = {}  # K samples repeat answers: grade each once
 
-    def grade(e: dict, completion: Completion) -> tuple[str | None, bool]:
+    def grade_once(e: dict, completion: Completion) -> tuple[str | None, bool]:
         pred = extract_answer(completion.text)
         key = (pred, e["answer"] or "")
         if key not in verdicts:
-            golds = (e["answer"],) if e["answer"] else ()
-            verdicts[key] = grade_completion(Problem(e["uid"], e["question"], golds), completion)[1]
+            verdicts[key] = grade(completion.text, [e["answer"]] if e["answer"] else [])[1]
         return pred, verdicts[key]
 
     crash_after = _crash_point()
-    bar = tqdm(total=len(pool) * samples, initial=len(pool) * samples - len(todo), desc="difficulty", unit="sample",
-               dynamic_ncols=True)
+    bar = progress_bar(len(pool) * samples, "difficulty", "sample", initial=len(pool) * samples - len(todo))
     with ThreadPoolExecutor(grade_threads) as graders:
         for batch, start in enumerate(range(0, len(todo), batch_size), 1):
             chunk = todo[start:start + batch_size]
             seeds = [sample_seed(seed, BENCHMARK, e["uid"], j) for e, j in chunk]
             requests = [Request(LIMO_SYSTEM_PROMPT, e["question"], temperature, 1.0, max_tokens, s) for (e, _), s in zip(chunk, seeds)]
             completions = generate(requests)
-            graded = list(graders.map(lambda ec: grade(*ec), [(e, c) for (e, _), c in zip(chunk, completions)]))
+            graded = list(graders.map(lambda ec: grade_once(*ec), [(e, c) for (e, _), c in zip(chunk, completions)]))
             new = [SampleResult(BENCHMARK, e["uid"], j, s, [e["answer"]] if e["answer"] else [], c.text, c.finish_reason,
                                 c.num_tokens, pred, ok) for (e, j), s, c, (pred, ok) in zip(chunk, seeds, completions, graded)]
             append_results(path, new)

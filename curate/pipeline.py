@@ -27,6 +27,7 @@ from curate.difficulty import draw_and_grade, filter_by_band
 from curate.records import StepDir, as_limo, as_removal, file_hash, read_jsonl, read_pool, write_jsonl
 from curate.report import write_report
 from curate.score import score_chains
+from model.fingerprint import model_fingerprint
 from curate.select import select_top
 
 STEPS = ("dedup", "decontaminate", "difficulty", "score", "select")
@@ -96,8 +97,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = read_pool(args.pool)
     args.model_id = None
     if args.model:
-        from model.weights import model_fingerprint
-
         args.model_id = model_fingerprint(args.model)
     rows, input_hash = pool, _pool_hash(args.pool)
     used: list[tuple[str, StepDir]] = []

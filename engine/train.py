@@ -42,7 +42,8 @@ from engine.sharding import parallelize
 from model.flops import step_flops, step_flops_torchtitan
 from model.init import materialize
 from model.qwen2 import PRESETS, ModelArgs, Qwen2, build_model
-from model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, model_fingerprint, resolve_model_dir
+from model.fingerprint import model_fingerprint
+from model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
 
 log = logging.getLogger("engine.train")
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.grading import extract_answer, is_equivalent
+from eval.grading import grade, is_equivalent
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_DIR = "data/graded_outputs/skythought_qwen25math_harness"
@@ -89,9 +89,8 @@ def load_graded_outputs(shared: Path) -> list[GradedOutput]:
     return records
 
 
-def grade(record: GradedOutput) -> tuple[str | None, bool]:
-    pred = extract_answer(record.output)
-    return pred, is_equivalent(pred, record.gold)
+def grade_record(record: GradedOutput) -> tuple[str | None, bool]:
+    return grade(record.output, [record.gold])
 
 
 def load_adjudicated(path: Path) -> dict[tuple[str, int], dict]:
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.threads) as pool:
         list(pool.map(lambda _: is_equivalent("x^2", "x x"), range(2 * args.threads)))  # workers started, off the clock
         start = time.perf_counter()
-        results = list(pool.map(grade, records))
+        results = list(pool.map(grade_record, records))
         elapsed = time.perf_counter() - start
     if args.verdicts:
         with open(args.verdicts, "w", encoding="utf-8") as f:

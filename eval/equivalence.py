@@ -20,11 +20,8 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 
-from eval.normalize import Number, key, normalize, parse_number
+from eval.normalize import REL_TOL, Number, key, normalize, parse_number
 from eval.screen import clearly_different
-
-# A relative tolerance for rounded quantities, as LIMO's protocol and the Qwen2.5-Math harness use.
-REL_TOL = Fraction(1, 10_000)
 
 _OPEN, _CLOSE = "([{", ")]}"
 _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}$", re.DOTALL)
@@ -177,13 +174,23 @@ def _is_words(s: str) -> bool:
     return _WORDS_RE.fullmatch(s) is not None and len(s) >= 2
 
 
-def leaf_equal(pred: str, gold: str) -> bool:
-    """Two leaf expressions: string, then exact numbers, then symbolic equality."""
+def quick_verdict(pred: str, gold: str) -> bool | None:
+    """The cheap checks, linear-time string work safe in any process: the same string (key), or
+    two plain numeric literals (exactly, or within REL_TOL when rounded). None: not settled here."""
     if key(pred) == key(gold):
         return True
     p, g = parse_number(pred), parse_number(gold)
     if p is not None and g is not None:
         return numbers_match(p, g)
+    return None
+
+
+def leaf_equal(pred: str, gold: str) -> bool:
+    """Two leaf expressions: the quick checks, then symbolic equality."""
+    verdict = quick_verdict(pred, gold)
+    if verdict is not None:
+        return verdict
+    g = parse_number(gold)
     if _is_words(normalize(pred)) or _is_words(normalize(gold)):
         return False
     if g is not None and _TRANSCENDENTAL_RE.search(pred):

@@ -15,8 +15,8 @@ import threading
 from math import expm1, fsum, log1p
 from typing import Sequence
 
-from eval.equivalence import equivalent, numbers_match
-from eval.normalize import key, normalize, parse_number
+from eval.equivalence import equivalent, quick_verdict
+from eval.normalize import key, normalize
 from eval.timelimit import TimeLimitExceeded, WorkerCrashed, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,12 @@ def is_equivalent(pred: str | None, gold: str | int | float, *, timeout_s: float
         return pred.strip() == gold.strip()
     if pred is None or not normalize(pred) or not normalize(gold):
         return False
-    if key(pred) == key(gold):
-        return True
     gold_letter = re.fullmatch(r"\(?([A-J])\)?", normalize(gold))
-    if gold_letter:  # a multiple-choice gold: compare the option letters only
+    if gold_letter and key(pred) != key(gold):  # a multiple-choice gold: compare the option letters only
         return choice_letter(pred) == gold_letter.group(1)
-    p, g = parse_number(pred), parse_number(gold)
-    if p is not None and g is not None:
-        return numbers_match(p, g)
+    verdict = quick_verdict(pred, gold)
+    if verdict is not None:
+        return verdict
     try:
         return bool(_worker_pool().call(equivalent, (pred, gold), timeout_s))
     except TimeLimitExceeded:
@@ -131,10 +129,17 @@ def is_equivalent(pred: str | None, gold: str | int | float, *, timeout_s: float
         return False
 
 
-def is_correct(output: str, golds: Sequence[str | int | float], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Grade a whole model output against every acceptable gold (e.g. a letter and its option)."""
+def grade(output: str, golds: Sequence[str | int | float], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[str | None, bool]:
+    """The answer extracted from a model's whole output, and whether it matches any of the golds
+    (e.g. a letter and its option). Every path that judges an output comes here: the evaluation,
+    the agreement with the Qwen2.5-Math harness, curation. A grader failure is logged and counts as
+    wrong (eval.run --regrade revisits it): it must not lose the batch it is in."""
     pred = extract_answer(output)
-    return any(is_equivalent(pred, g, timeout_s=timeout_s) for g in golds)
+    try:
+        return pred, any(is_equivalent(pred, gold, timeout_s=timeout_s) for gold in golds)
+    except Exception:  # noqa: BLE001  (logged with its traceback)
+        log.exception("grading failed (answer %.80r, golds %.80r); counted as wrong", pred, list(golds))
+        return pred, False
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -146,13 +151,3 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return -expm1(fsum(log1p(-k / i) for i in range(n - c + 1, n + 1)))
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] != ["--agreement"]:
-        sys.exit("usage: python -m eval.grading --agreement [--show ...]  (the same as python -m eval.agreement)")
-    from eval.agreement import main
-
-    sys.exit(main(sys.argv[2:]))

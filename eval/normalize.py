@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 # Characters a model writes in unicode that mean a LaTeX command (or plain ASCII).
+# A relative tolerance for rounded quantities, as LIMO's protocol and the Qwen2.5-Math harness use.
+REL_TOL = Fraction(1, 10_000)
+
 _UNICODE = {
     "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
     "\u221a": "\\sqrt", "\u03c0": "\\pi ", "\u221e": "\\infty ", "\u2264": "\\leq ", "\u2265": "\\geq ",

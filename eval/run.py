@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.suites import DEFAULT_DATA, SUITE, Benchmark, Problem, load_benchmark
-from model.weights import model_fingerprint
-from eval.generators import Completion, Request, as_generator
-from eval.grading import DEFAULT_TIMEOUT_S, extract_answer, is_equivalent
+from model.fingerprint import model_fingerprint
+from eval.generators import Request, as_generator
+from eval.grading import DEFAULT_TIMEOUT_S, grade
 from eval.results import SampleResult, append_results, format_table, load_results, rewrite_results, summarize
 
 log = logging.getLogger(__name__)
@@ -39,17 +39,6 @@ def sample_seed(seed: int, benchmark: str, problem_id: str, sample: int) -> int:
     """A 31-bit seed per sample, fixed by its identity alone: resumed == uninterrupted."""
     digest = hashlib.sha256(f"{seed}:{benchmark}:{problem_id}:{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def grade_completion(problem: Problem, completion: Completion, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[str | None, bool]:
-    """The extracted answer and whether it matches any of the problem's golds. A grader failure
-    is logged and counts as wrong (--regrade revisits it): it must not lose the batch it is in."""
-    pred = extract_answer(completion.text)
-    try:
-        return pred, any(is_equivalent(pred, gold, timeout_s=timeout_s) for gold in problem.golds)
-    except Exception:  # noqa: BLE001  (logged with its traceback)
-        log.exception("grading problem %s failed (answer %.80r); counted as wrong", problem.id, pred)
-        return pred, False
 
 
 def _has_results(out_dir: Path) -> bool:
@@ -113,7 +102,7 @@ def evaluate(llm_or_generator: Any, benchmarks: Sequence[Benchmark], out_dir: st
                 seeds = [sample_seed(seed, bench.name, p.id, j) for p, j in chunk]
                 requests = [Request(system_prompt, p.question, temp, top_p, max_tokens, s) for (p, _), s in zip(chunk, seeds)]
                 completions = generate(requests)
-                verdicts = list(graders.map(lambda pc: grade_completion(*pc, timeout_s=timeout_s),
+                verdicts = list(graders.map(lambda pc: grade(pc[1].text, pc[0].golds, timeout_s=timeout_s),
                                             [(p, c) for (p, _), c in zip(chunk, completions)]))
                 new = [SampleResult(bench.name, p.id, j, s, list(p.golds), c.text, c.finish_reason, c.num_tokens, pred, ok)
                        for (p, j), s, c, (pred, ok) in zip(chunk, seeds, completions, verdicts)]
@@ -136,8 +125,7 @@ def _regrade(bench: Benchmark, path: Path, done: dict, graders: ThreadPoolExecut
     rewritten with the new verdicts."""
     by_id = {p.id: p for p in bench.problems}
     keys = [k for k in done if k[0] in by_id]
-    verdicts = graders.map(lambda k: grade_completion(by_id[k[0]], Completion(done[k].output, done[k].finish_reason, 0),
-                                                      timeout_s=timeout_s), keys)
+    verdicts = graders.map(lambda k: grade(done[k].output, by_id[k[0]].golds, timeout_s=timeout_s), keys)
     updated = dict(done)
     for k, (pred, ok) in zip(keys, verdicts):
         updated[k] = dataclasses.replace(done[k], extracted=pred, correct=ok, golds=list(by_id[k[0]].golds))

@@ -18,7 +18,7 @@ from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
 from sympy import Basic, Expr, Float, Rational, simplify
 from sympy.core.relational import Equality, Relational
 
-from eval.equivalence import REL_TOL
+from eval.normalize import REL_TOL
 from eval.relations import same_relation
 
 # Parse the whole string as one expression: no \boxed search, no "first number in the text", and

@@ -9,7 +9,6 @@ interrupted save never leaves a half-written model where a complete one is expec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -102,23 +101,6 @@ def model_args(cfg: Any) -> tuple[ModelArgs, str]:
     if not config.is_file():
         raise WeightsError(f"{config} does not exist: not a Hugging Face model folder")
     return ModelArgs.from_hf(json.loads(config.read_text()), source=str(config)), str(config)
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """A short content hash of an HF model folder: config.json, and each weight file's size and 16
-    sampled 64 KiB windows. Retrained weights change it; re-exporting the same weights does not.
-    Cheap for a 65 GB model (1 MiB read per file)."""
-    folder = Path(model_dir)
-    h = hashlib.sha256((folder / "config.json").read_bytes())
-    for file in sorted(folder.glob("*.safetensors")):
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as f:
-            for k in range(16):
-                f.seek(size * k // 16)
-                h.update(f.read(1 << 16))
-    return h.hexdigest()[:16]
-
 
 
 class HFCheckpoint:

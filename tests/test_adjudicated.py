@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.agreement import GradedOutput, grade, load_graded_outputs
+from eval.agreement import GradedOutput, grade_record, load_graded_outputs
 from tests.conftest import shared_path
 
 ADJUDICATED = json.loads((Path(__file__).parent / "adjudicated.json").read_text(encoding="utf-8"))["cases"]
@@ -39,7 +39,7 @@ def test_adjudicated_file_is_well_formed():
 def test_adjudicated_case(case, outputs):
     record = outputs[(case["file"], case["idx"])]
     assert record.harness != case["verdict"], "an adjudicated case must be one where the harness was wrong"
-    pred, verdict = grade(record)
+    pred, verdict = grade_record(record)
     assert verdict == case["verdict"], f"pred={pred!r} gold={record.gold!r}: {case['reason']}"
     if case["category"] == "no_box":
         assert pred is None and "boxed" not in record.output
@@ -50,7 +50,7 @@ def test_every_other_output_agrees_with_the_harness(outputs):
     records = list(outputs.values())
     assert len(records) == 2845
     with ThreadPoolExecutor(4) as pool:
-        verdicts = [v for _, v in pool.map(grade, records)]
+        verdicts = [v for _, v in pool.map(grade_record, records)]
     wrong = [(r.file, r.idx, r.gold, v) for r, v in zip(records, verdicts)
              if v != adjudicated.get((r.file, r.idx), r.harness)]
     assert not wrong, f"{len(wrong)} new disagreements (adjudicate them in tests/adjudicated.json): {wrong[:10]}"

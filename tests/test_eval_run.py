@@ -117,7 +117,7 @@ def test_model_fingerprint_follows_the_weights_not_the_writes(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from model.weights import model_fingerprint
+    from model.fingerprint import model_fingerprint
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -132,16 +132,16 @@ def test_model_fingerprint_follows_the_weights_not_the_writes(tmp_path):
 
 
 def test_a_grader_failure_costs_one_verdict_not_the_batch(tmp_path, monkeypatch):
-    import eval.run as run
+    import eval.grading as grading
 
-    real = run.is_equivalent
+    real = grading.is_equivalent
 
     def flaky(pred, gold, **kw):
         if pred == "0.5":
             raise RecursionError("a grader bug")
         return real(pred, gold, **kw)
 
-    monkeypatch.setattr(run, "is_equivalent", flaky)
+    monkeypatch.setattr(grading, "is_equivalent", flaky)
     bench = _bench()
     evaluate(FakeGenerator(bench), [bench], tmp_path, batch_size=12, verbose=False)
     results = load_results(tmp_path / "toy.jsonl")

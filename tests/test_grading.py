@@ -11,7 +11,7 @@ from math import comb
 
 import pytest
 
-from eval.grading import choice_letter, extract_answer, is_correct, is_equivalent, pass_at_k
+from eval.grading import choice_letter, extract_answer, grade, is_equivalent, pass_at_k
 from eval.normalize import parse_number
 from tests.conftest import ROOT
 
@@ -194,8 +194,8 @@ def test_not_equivalent(pred, gold):
 
 def test_no_answer_is_never_right():
     assert is_equivalent(None, "5") is False
-    assert is_correct("the answer is 5", ["5"]) is False
-    assert is_correct(r"so \boxed{5}", ["7", "5"]) is True
+    assert grade("the answer is 5", ["5"]) == (None, False)
+    assert grade(r"so \boxed{5}", ["7", "5"]) == ("5", True)
 
 
 @pytest.mark.parametrize("gold", [None, True, ["5"], {"a": 1}])
