@@ -33,6 +33,14 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def render_ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
+    """The token ids of a conversation as the template renders it, the one rendering training,
+    sampling and the length measurements share. With `generation_prompt` it ends with the header
+    of the assistant's turn: the prompt the sampler feeds. The template's text already holds every
+    special token it wants, so the tokenizer adds none of its own."""
+    return tokenizer(_render(tokenizer, messages, generation_prompt), add_special_tokens=False)["input_ids"]
+
+
 def special_tokens(tokenizer: Any) -> dict[int, str]:
     """Id -> text of every special token (control tokens data must never contain)."""
     return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}

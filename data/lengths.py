@@ -26,6 +26,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from data.chat import render_ids
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FILE = Path(__file__).resolve().parent / "long_cot_lengths.json"
 SHARED = ROOT.parent / "shared"
@@ -60,8 +62,7 @@ def derive(shared: Path = SHARED, limit: int | None = None) -> dict[str, list[in
                     messages = [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["code"][0]}]
                 except (KeyError, IndexError, TypeError) as e:
                     raise ValueError(f"{path}:{line_no}: expected fields 'question' and 'code'[0] ({e!r})") from None
-                text = tokenizer.apply_chat_template(messages, tokenize=False)
-                lengths.append(len(tokenizer(text).input_ids))
+                lengths.append(len(render_ids(tokenizer, messages)))
         out[name] = lengths
     return out
 

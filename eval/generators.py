@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from data.chat import render_ids, with_system
+
 
 @dataclass(frozen=True)
 class Request:
@@ -41,11 +43,9 @@ class Generator(Protocol):
     def __call__(self, requests: Sequence[Request]) -> list[Completion]: ...
 
 
-def chat_token_ids(tokenizer: Any, request: Request) -> list[int]:
-    """The chat template applied to the request's messages, ending with the assistant's turn."""
-    messages = [{"role": "system", "content": request.system}, {"role": "user", "content": request.user}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer: Any, request: Request) -> list[int]:
+    """The request as the model sees it: the system and user turns, then the assistant's header."""
+    return render_ids(tokenizer, with_system([{"role": "user", "content": request.user}], request.system), generation_prompt=True)
 
 
 def _check_completions(requests: Sequence[Request], completions: list[Completion], who: str) -> list[Completion]:
@@ -68,7 +68,7 @@ class LLMGenerator:
         self.llm, self.sampling_params, self.use_tqdm = llm, sampling_params, use_tqdm
 
     def __call__(self, requests: Sequence[Request]) -> list[Completion]:
-        prompts = [chat_token_ids(self.llm.tokenizer, r) for r in requests]
+        prompts = [prompt_ids(self.llm.tokenizer, r) for r in requests]
         params = [self.sampling_params(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed, n=1)
                   for r in requests]
         outputs = sorted(self.llm.generate(prompts, params, use_tqdm=self.use_tqdm),
@@ -99,7 +99,7 @@ class TransformersGenerator:
     def __call__(self, requests: Sequence[Request]) -> list[Completion]:
         completions = []
         for r in requests:
-            ids = self.torch.tensor([chat_token_ids(self.tokenizer, r)], device=self.device)  # [1, P]
+            ids = self.torch.tensor([prompt_ids(self.tokenizer, r)], device=self.device)  # [1, P]
             self.torch.manual_seed(r.seed)
             sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=0) if r.temperature > 0 else \
                 dict(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from data.chat import encode
 from data.suites import Benchmark, Problem, records_benchmark
-from eval.generators import Completion, LLMGenerator, Request, chat_token_ids
+from eval.generators import Completion, LLMGenerator, Request
 from eval.grading import pass_at_k
 from eval.results import load_results
 from eval.run import LIMO_SYSTEM_PROMPT, evaluate, main, sample_seed
@@ -237,7 +238,10 @@ def test_llm_adapter_templates_prompts_and_orders_outputs():
     text = tokenizer.decode(prompts[1])
     assert text == ("<|im_start|>system\n" + LIMO_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nquestion 1<|im_end|>\n"
                     "<|im_start|>assistant\n")
-    assert prompts[1] == chat_token_ids(tokenizer, requests[1])
+    # The sampler's prompt is the prefix training sees of the same conversation with its reply.
+    trained, _ = encode([{"role": "user", "content": "question 1"}, {"role": "assistant", "content": "answer 1"}], tokenizer,
+                        system_prompt=LIMO_SYSTEM_PROMPT)
+    assert trained[: len(prompts[1])] == prompts[1]
 
 
 def test_llm_adapter_rejects_a_missing_output():
