@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Runnable, Unavailable, Work, add_common_args, main_for
+from tools.dtypes import dtype_of
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwd+bwd")
 SWEEPS = {
     "full": [dict(tokens=t, hidden=5120, vocab=152064, dtype="bf16") for t in (4096, 8192, 16384)],
@@ -37,7 +37,7 @@ def work(case: dict, mode: str) -> Work:
 
 def _runnable(loss_fn, case: dict, mode: str, device: torch.device) -> Runnable:
     """loss_fn(hidden, weight, targets) -> summed loss; timed alone ("fwd", no grad) or with backward."""
-    dtype = DTYPES[case["dtype"]]
+    dtype = dtype_of(case["dtype"])
     g = torch.Generator(device=device).manual_seed(0)
     T, H, V = case["tokens"], case["hidden"], case["vocab"]
     grad = mode == "fwd+bwd"

@@ -18,8 +18,8 @@ import sys
 import torch
 
 from benchmarks.harness import Runnable, Unavailable, Work, add_common_args, main_for
+from tools.dtypes import dtype_of
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwd+bwd")
 SWEEPS = {
     "full": [dict(rows=r, width=w, dtype="bf16", residual=False) for r in (16384, 32768, 65536) for w in (4096, 5120, 8192)],
@@ -30,7 +30,7 @@ EPS = 1e-6
 
 
 def work(case: dict, mode: str) -> Work:
-    e = torch.empty((), dtype=DTYPES[case["dtype"]]).element_size()
+    e = torch.empty((), dtype=dtype_of(case["dtype"])).element_size()
     m, n = case["rows"], case["width"]
     streams = 4 if case["residual"] else 2  # x (+ r) read, y (+ s) written
     fwd = streams * m * n * e + n * e + 4 * m
@@ -39,7 +39,7 @@ def work(case: dict, mode: str) -> Work:
 
 
 def _inputs(case: dict, mode: str, device: torch.device):
-    dtype = DTYPES[case["dtype"]]
+    dtype = dtype_of(case["dtype"])
     g = torch.Generator(device=device).manual_seed(0)
     shape = (case["rows"], case["width"])
     grad = mode == "fwd+bwd"

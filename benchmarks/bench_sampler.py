@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 
 import kernels
+from benchmarks import bench_sampler_cpu
 from benchmarks.harness import SCHEMA, Record, Work, environment, finish, measure_ceilings, print_table
 from model.flops import forward_flops
 from model.init import init_weights
 from model.qwen2 import PRESETS, ModelArgs, build_model
 from model.weights import save_pretrained
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+from tools.dtypes import dtype_of
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _median_pair(run, new_tokens: int, reps: int, device: torch.device) -> tuple
 
 
 def _records(provider: str, sweep: Sweep, batch: int, n: int, t_long: float, t_short: float, ceilings: dict) -> list[Record]:
-    itemsize = DTYPES[sweep.dtype].itemsize
+    itemsize = dtype_of(sweep.dtype).itemsize
     case = {"batch": batch, "prompt": sweep.prompt, "new_tokens": n}
     flops = int(forward_flops(sweep.args, [sweep.prompt] * batch))
     pre = Record("sampler", case, "prefill", provider, work=asdict(Work(flops=flops, bound="compute")))
@@ -172,7 +172,7 @@ def run_ours(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch
 def run_transformers(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch.device, ceilings: dict, log) -> Run:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[sweep.dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype_of(sweep.dtype)).to(device).eval()
     records, first = [], []
     for batch in sweep.batches:
         ids = torch.tensor(prompts[:batch], device=device)  # [B, P]: equal lengths, no padding
@@ -214,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU time per decode step of the tiny model at these contexts (default 256,1024,4096)")
     args = p.parse_args(argv)
     if args.host or args.contexts:
-        from benchmarks import bench_sampler_cpu
-
         args.host_batches = tuple(int(b) for b in args.batches.split(",") if b) or (1, 64, 256)
         args.contexts = [int(c) for c in (args.contexts or "").split(",") if c]
         return bench_sampler_cpu.main(args)
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, sweep: Sweep, providers: list[str], device: torch.device, command: str) -> int:
     model_args, batches = sweep.args, sweep.batches
-    itemsize = DTYPES[sweep.dtype].itemsize
+    itemsize = dtype_of(sweep.dtype).itemsize
     header = {
         "schema": SCHEMA, "bench": "sampler", "sweep": args.sweep,
         "command": command, "environment": environment(device), "ceilings": measure_ceilings(device),
@@ -257,7 +255,7 @@ def _run(args: argparse.Namespace, sweep: Sweep, providers: list[str], device: t
     records, first = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-sampler-") as tmp:
         folder = Path(tmp) / "model"
-        make_model_folder(model_args, DTYPES[sweep.dtype], device, folder)
+        make_model_folder(model_args, dtype_of(sweep.dtype), device, folder)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -27,7 +27,6 @@ from collections.abc import Callable
 import torch
 
 from model.init import init_weights
-
 from model.qwen2 import ModelArgs
 
 HOST_GOAL_US_AT_256 = 1000.0
@@ -116,10 +115,10 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
     import tempfile
     from pathlib import Path
 
-    from model.qwen2 import PRESETS, build_model
-    from model.weights import save_pretrained
     from eval.sampler import LLM, SamplingParams
     from kernels.paged_attention import paged_attention
+    from model.qwen2 import PRESETS, build_model
+    from model.weights import save_pretrained
 
     args = PRESETS["tiny"]
     threads = torch.get_num_threads()

@@ -5,10 +5,11 @@
     TRITON_INTERPRET=1 python -m benchmarks.bench_train_step --sweep smoke  # a tiny model on CPU
 
 What is timed is engine/train.py's step (forward with labels -> loss sum / divisor -> backward per
-micro-batch, clip, one host sync, AdamW) on the engine's own pieces: the LIMO recipe's config
-(configs/limo_qwen2.5_32b_8xh100.toml), the FSDP2 plan of engine/parallel.py on a world of one
-(bf16 compute, fp32 master weights and reduce), engine/optim.py's optimizer. The model is the
-32B preset with `num_layers=k`, randomly initialised on the device. The micro-batches are
+micro-batch, clip, one host sync, AdamW) on the model and optimizer training builds
+(engine.train.build_training) from the LIMO recipe's config (configs/limo_qwen2.5_32b_8xh100.toml):
+the FSDP2 plan of engine/sharding.py on a world of one (bf16 compute, fp32 master weights and
+reduce), engine/optim.py's optimizer. The model is the 32B preset with `num_layers=k`, its weights
+drawn on the device by model/init.py's rule. The micro-batches are
 synthetic token ids packed by data/packing.py into 16,384-token streams, with sample lengths drawn
 from the long-CoT proxy (data/lengths.py); every config runs the same micro-batches.
 
@@ -37,24 +38,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from benchmarks.harness import LIMO_RECIPE, SCHEMA, Record, Unavailable, environment, finish, kernel_choice, measure_ceilings
 from data import lengths as length_dist
-from benchmarks.harness import SCHEMA, Record, Unavailable, environment, finish, measure_ceilings
-from benchmarks.kernel_choice import kernel_choice
 from data.dataset import EncodedSample
 from data.packing import MicroBatch, pack, plan
 from engine.config import Config, load_config
+from engine.distributed import Distributed, init_distributed
 from engine.memory import GIB, H100_80GB_GIB, plan_memory
 from engine.metrics import peak_flops
-from model.flops import head_flops, layer_flops, step_flops, step_flops_torchtitan
-from model.init import init_weights
-from model.qwen2 import PRESETS, ModelArgs, build_model
-from engine.optim import build_optimizer
-from engine.distributed import Distributed, init_distributed
-from engine.sharding import parallelize
+from engine.train import build_training
 from engine.train import train_step as engine_train_step
-
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "limo_qwen2.5_32b_8xh100.toml"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+from model.flops import head_flops, layer_flops, step_flops, step_flops_torchtitan
+from model.qwen2 import PRESETS, ModelArgs
 
 
 @dataclass(frozen=True)
@@ -134,7 +129,7 @@ def micro_batches(vocab_size: int, budget: int, count: int, seed: int = 0) -> li
 
 def recipe_config(sweep: Sweep, config: StepConfig) -> Config:
     """The LIMO recipe with this config's ablation applied (what the planner is asked about)."""
-    return load_config(RECIPE, [
+    return load_config(LIMO_RECIPE, [
         "--model.path=none", "--model.preset=qwen2.5-32b", f"--train.dtype={sweep.dtype}",
         f"--data.max_tokens={sweep.tokens}", f"--data.tokens_per_microbatch={sweep.tokens}",
         f"--parallel.activation_checkpointing={config.ac}", f"--parallel.compile={config.compile}",
@@ -189,11 +184,7 @@ def _run(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[MicroBa
     cfg = recipe_config(sweep, config)
     args = replace(sweep.args, num_layers=config.layers)
     torch.manual_seed(0)
-    model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights
-    parallelize(model, d.mesh, cfg.parallel, param_dtype=DTYPES[sweep.dtype])
-    model.to_empty(device=d.device)
-    init_weights(model)  # drawn on the device: fast at 32B layer shapes
-    optimizer = build_optimizer(model, cfg.optim, d.device)
+    model, optimizer = build_training(cfg, args, d)  # as train.py builds it: fp32 master weights, the FSDP2 plan, filled on the device
     model.train()
     divisor = sum(mb.num_label_tokens for mb in batches)
     first = train_step(model, optimizer, batches, divisor, cfg.train.max_grad_norm, d.device, Marks(d.device))

@@ -1,4 +1,8 @@
-"""Providers x sweep -> median ms, GB/s or TFLOP/s, fraction of the device's measured ceiling,
+"""What every benchmark script shares: the timing harness, the kernels a model runs on, and the
+LIMO recipe's shapes. Scripts import helpers from here only; the aggregators (regression.py for
+CI, summary.py and project.py for a GPU run) call the scripts' own measurement functions.
+
+Providers x sweep -> median ms, GB/s or TFLOP/s, fraction of the device's measured ceiling,
 peak memory -> JSON (for benchmarks/compare.py) and a printed table.
 
 A benchmark script names its providers (ours, torch eager, torch.compile, Liger, ...) and its
@@ -19,8 +23,10 @@ Our own providers ("ours") failing is always an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,8 +40,14 @@ from typing import Any
 
 import torch
 
+import kernels
+from data.dataset import EncodedSample
+from data.loader import PackedLoader
+from data.packing import plan
+
 SCHEMA = 1
 ROOT = Path(__file__).resolve().parents[1]
+LIMO_RECIPE = ROOT / "configs" / "limo_qwen2.5_32b_8xh100.toml"  # the run the benchmarks measure pieces of
 
 
 class Unavailable(Exception):
@@ -107,8 +119,9 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None  # not a git checkout (e.g. an installed package)
     try:
-        import liger_kernel  # noqa: F401
         from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
 
         info["liger_kernel"] = version("liger-kernel")
     except ImportError:
@@ -326,3 +339,85 @@ def main_for(
     )
     print_table(header, records)
     return finish(args.out, header, records, strict=args.strict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernels the model runs on: ours (Triton), the torch references, or Liger-Kernel's swapped in.
+# Model code calls `kernels.rmsnorm` and `kernels.fused_linear_cross_entropy` by attribute at call
+# time, so a benchmark can run the same model on another implementation of the two ops without
+# touching the model: `kernels.set_backend` for ours and the references, a swap of the two
+# attributes for Liger's. Either way the engine's choice is restored on exit, errors included.
+
+KERNELS = ("triton", "torch", "liger")
+
+
+def liger_ops(device: torch.device):
+    """Liger-Kernel's RMSNorm (Qwen2's "llama" casting) and fused linear cross-entropy (fp32
+    weight-gradient accumulation, as ours), behind the signatures of kernels.rmsnorm and
+    kernels.fused_linear_cross_entropy."""
+    if device.type != "cuda":
+        raise Unavailable("Liger's kernels run on CUDA only (they fail in Triton's CPU interpreter)")
+    try:
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    except ImportError as e:
+        raise Unavailable(f"liger-kernel is not installed ({e})") from None
+
+    def rmsnorm(x, weight, eps, residual=None):
+        if residual is None:
+            return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama")
+        return LigerFusedAddRMSNormFunction.apply(x, residual, weight, eps, 0.0, "llama")  # (y, x + residual)
+
+    def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="sum", z_loss=0.0):
+        if z_loss:
+            raise ValueError("the Liger swap implements z_loss=0 only")
+        # (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing,
+        #  reduction, softcap, return_z_loss, accum_dtype) -> (loss, ...)
+        return LigerFusedLinearCrossEntropyFunction.apply(
+            hidden, weight, targets, None, None, ignore_index, 0.0, 0.0, reduction, None, False, torch.float32
+        )[0]
+
+    return rmsnorm, fused_linear_cross_entropy
+
+
+@contextlib.contextmanager
+def kernel_choice(name: str, device: torch.device, liger=liger_ops):
+    """Run the model on `name`'s RMSNorm and cross-entropy; the engine's choice is restored after."""
+    if name not in KERNELS:
+        raise ValueError(f"kernels={name!r}; allowed: {', '.join(KERNELS)}")
+    if os.environ.get("KERNELS_BACKEND"):
+        raise RuntimeError(f"KERNELS_BACKEND={os.environ['KERNELS_BACKEND']} is set and would override the kernels ablation: unset it")
+    if name == "liger":
+        rmsnorm, flce = liger(device)
+        saved = kernels.rmsnorm, kernels.fused_linear_cross_entropy
+        kernels.rmsnorm, kernels.fused_linear_cross_entropy = rmsnorm, flce  # model.py looks these up at call time
+        try:
+            yield
+        finally:
+            kernels.rmsnorm, kernels.fused_linear_cross_entropy = saved
+        return
+    try:
+        kernels.set_backend(name)
+        if kernels.backend(device.type) != name:
+            raise RuntimeError(f"asked for kernel backend {name!r} on {device.type}, got {kernels.backend(device.type)!r}")
+        yield
+    finally:
+        kernels.set_backend("auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# The LIMO run's layout
+
+
+def rank_passes(lengths: list[int], *, samples_per_step: int, tokens_per_microbatch: int, epochs: int, world_size: int, seed: int):
+    """Every step's micro-batches on every rank, as the engine's loader lays out samples of these
+    token lengths: one list per step, of passes, of ranks, of the sample lengths in that
+    micro-batch (empty: a rank's dummy pass, for ranks with fewer passes than the busiest)."""
+    samples = [EncodedSample(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.int32), index=i) for i, n in enumerate(lengths)]
+    loader = PackedLoader(samples, samples_per_step=samples_per_step, tokens_per_microbatch=tokens_per_microbatch, epochs=epochs,
+                          world_size=world_size, rank=0, seed=seed)  # fmt: skip
+    for batch in loader:
+        layout = plan(batch.seqlens, world_size, tokens_per_microbatch, loader.cost)
+        count = max(1, *(len(r) for r in layout))  # the loader pads every rank to this many passes
+        yield [[[batch.seqlens[i] for i in r[p]] if p < len(r) else [] for r in layout] for p in range(count)]

@@ -34,10 +34,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
+from benchmarks import scale_out
+from benchmarks.harness import LIMO_RECIPE, rank_passes
 from data import lengths as length_dist
-from benchmarks.bench_train_step import RECIPE
 from engine.config import load_config
 from engine.memory import H100_80GB_GIB, plan_memory
 from model.flops import head_flops, layer_flops
@@ -105,7 +104,7 @@ def load_results(path: Path) -> dict:
 
 
 def recipe_memory(fit: dict, world_size: int):
-    cfg = load_config(RECIPE, [
+    cfg = load_config(LIMO_RECIPE, [
         "--model.path=none", "--model.preset=qwen2.5-32b", f"--parallel.activation_checkpointing={fit['ac']}",
         f"--parallel.compile={fit['compile']}", f"--optim.state_dtype={fit['state_dtype']}",
     ])  # fmt: skip
@@ -154,21 +153,6 @@ def sample_lengths(recipe: Recipe, pool: list[int], tokens_per_epoch: int | None
     return length_dist.draw(recipe.samples, recipe.seed, cap=recipe.tokens_per_microbatch, scale=hi, lengths=pool)
 
 
-def rank_passes(recipe: Recipe, lengths: list[int]):
-    """Every step's micro-batches on every rank, as the engine lays them out: [step][pass][rank] = sample lengths."""
-    from data.dataset import EncodedSample
-    from data.loader import PackedLoader
-    from data.packing import plan
-
-    samples = [EncodedSample(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.int32), index=i) for i, n in enumerate(lengths)]
-    loader = PackedLoader(samples, samples_per_step=recipe.samples_per_step, tokens_per_microbatch=recipe.tokens_per_microbatch,
-                          epochs=recipe.epochs, world_size=recipe.world_size, rank=0, seed=recipe.seed)  # fmt: skip
-    for batch in loader:
-        layout = plan(batch.seqlens, recipe.world_size, recipe.tokens_per_microbatch, loader.cost)
-        count = max(1, *(len(r) for r in layout))  # the loader pads every rank to this many passes
-        yield [[[batch.seqlens[i] for i in r[p]] if p < len(r) else [] for r in layout] for p in range(count)]
-
-
 def project(section: dict, recipe: Recipe = Recipe(), nvlink_gbps: float = 450.0, group: str | None = None,
             pool: list[int] | None = None, tokens_per_epoch: int | None = None) -> Projection:  # fmt: skip
     fit = choose_fit(section, group, recipe.world_size)
@@ -187,7 +171,8 @@ def project(section: dict, recipe: Recipe = Recipe(), nvlink_gbps: float = 450.0
 
     steps = passes = 0
     compute = overlapped = serial = 0.0
-    for step in rank_passes(recipe, lengths):
+    for step in rank_passes(lengths, samples_per_step=recipe.samples_per_step, tokens_per_microbatch=recipe.tokens_per_microbatch,
+                            epochs=recipe.epochs, world_size=recipe.world_size, seed=recipe.seed):
         steps += 1
         passes += len(step)
         for ranks in step:
@@ -264,8 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the projection as one JSON object")
     args = ap.parse_args(argv)
     if args.scale_out:
-        from benchmarks import scale_out
-
         args.nodes = [int(n) for n in args.nodes.split(",") if n]
         try:
             measured = project(load_results(args.results), Recipe(), args.nvlink_gbps, args.fit).r_layer_tflops * 1e12 if args.results else None

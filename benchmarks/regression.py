@@ -42,19 +42,31 @@ if not torch.cuda.is_available():  # the Triton kernels run in the interpreter o
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import traceback  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
 import kernels  # noqa: E402
+import kernels.cross_entropy as ce  # noqa: E402
+from benchmarks.bench_sampler_cpu import host_step  # noqa: E402
+from benchmarks.harness import LIMO_RECIPE  # noqa: E402
+from data.dataset import EncodedSample  # noqa: E402
+from data.packing import build_step  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.distributed import init_distributed  # noqa: E402
 from engine.memory import layer_activation_bytes_per_token  # noqa: E402
+from engine.simulate import simulate  # noqa: E402
+from engine.train import build_training, train_step  # noqa: E402
 from model.flops import step_flops  # noqa: E402
-from model.init import init_weights
-from model.qwen2 import PRESETS, ModelArgs, build_model  # noqa: E402
+from model.init import init_weights  # noqa: E402
+from model.qwen2 import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [100, 37, 200, 175]  # one packed micro-batch of four samples
@@ -82,8 +94,6 @@ def flop_ratios() -> dict[str, float]:
     model = build_model(args, device="cpu")
     init_weights(model)
     ids, labels, cu = _packed(args, LENGTHS)
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
     aten = torch.ops.aten
     cpu_flash = {  # shapes in, FLOPs out
         aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
@@ -129,8 +139,6 @@ class _FlashLike(torch.autograd.Function):
 
 class _FlashLikeContext:
     def __init__(self, cu, max_seqlen):
-        from model.qwen2 import VarlenContext
-
         self.inner = VarlenContext(cu, max_seqlen)
 
     def attention(self, layer, q, k, v):
@@ -144,12 +152,6 @@ def activation_bytes_per_token_layer(args: ModelArgs, lengths: list[int], checkp
     aside, the input added) is what backward will read: saved activations without
     checkpointing, each layer's input with it.
     """
-    import gc
-
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    from model.qwen2 import rotary_cos_sin
-
     model = build_model(args, device="cpu", dtype=dtype)
     init_weights(model)
     if checkpointing:
@@ -189,8 +191,6 @@ def activation_bytes_per_token_layer(args: ModelArgs, lengths: list[int], checkp
 
 def logits_peak_fraction() -> float:
     """Peak live bytes of [*, V] tensors in the Triton fused CE (fwd + bwd), over the full logits."""
-    import kernels.cross_entropy as ce
-
     if kernels.backend("cpu") != "triton":
         raise RuntimeError("logits_peak_fraction needs the Triton kernels (TRITON_INTERPRET=1 on CPU)")
     T, H, V = 2048, 32, 1003
@@ -223,53 +223,54 @@ def logits_peak_fraction() -> float:
     return peak / (T * V * 4)
 
 
-@contextmanager
-def _count_host_syncs(counts: list[str]):
-    """Record every scalar read (.item(), float(t), bool(t), .tolist()) outside kernels/reference.py."""
+class _HostReads(TorchFunctionMode):
+    """Every scalar read (.item(), float(t), bool(t), .tolist()) outside kernels/reference.py, by
+    the site in this repository that made it. `.tolist()` reads without dispatching an op, so it
+    is seen here, at the Python call; the others dispatch aten._local_scalar_dense, seen by the
+    dispatch mode `ops` (a read is one or the other, never both)."""
 
-    def where() -> str:
-        """The innermost caller in this repository, outside torch and this counter."""
-        frames = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(str(ROOT)) and "/torch/" not in f.filename
-                  and f.name not in ("where", "counted_tolist", "__torch_dispatch__")]  # fmt: skip
-        return f"{Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno}" if frames else "?"
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+        reads = self
 
-    class Scalars(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                counts.append(where())
-            return func(*args, **(kwargs or {}))
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    reads.sites.append(_site())
+                return func(*args, **(kwargs or {}))
 
-    tolist = torch.Tensor.tolist
+        self.ops = Ops()
 
-    def counted_tolist(self):
-        counts.append(where())
-        return tolist(self)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.sites.append(_site())
+        return func(*args, **(kwargs or {}))
 
-    torch.Tensor.tolist = counted_tolist
-    try:
-        with Scalars():
-            yield
-    finally:
-        torch.Tensor.tolist = tolist
+    def __enter__(self):
+        self.ops.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.ops.__exit__(*exc)
+
+
+def _site() -> str:
+    """The innermost caller in this repository, outside torch and the counting modes."""
+    frames = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(str(ROOT)) and "/torch/" not in f.filename
+              and f.name not in ("_site", "__torch_function__", "__torch_dispatch__")]  # fmt: skip
+    return f"{Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno}" if frames else "?"
 
 
 def host_syncs_per_step() -> tuple[int, list[str]]:
-    """Scalar reads in one training step (FSDP on a one-process group, two micro-batches)."""
-    import torch.distributed as dist
-
-    from data.dataset import EncodedSample
-    from data.packing import build_step
-    from engine.config import ParallelConfig
-    from engine.distributed import init_distributed
-    from engine.sharding import parallelize
-    from model.init import materialize
-    from engine.train import train_step
-
-    d = init_distributed("cpu", 1)
+    """Scalar reads in one training step as train.py runs it (the model and optimizer of
+    engine.train.build_training on a one-process group, two micro-batches, the step's result read
+    as run_steps reads it)."""
+    world = init_distributed("cpu", 1)
     try:
-        model = build_model(ARGS, device="meta")
-        parallelize(model, d.mesh, ParallelConfig(activation_checkpointing="full"), param_dtype=torch.float32)
-        materialize(model, d.device, seed=0)
+        cfg = load_config(None, ["--model.preset=tiny", "--train.dtype=float32", "--parallel.activation_checkpointing=full"])  # ARGS: the shapes
+        model, _ = build_training(cfg, ARGS, world)
         g = torch.Generator().manual_seed(0)
         samples = []
         for i, n in enumerate(LENGTHS):
@@ -279,10 +280,9 @@ def host_syncs_per_step() -> tuple[int, list[str]]:
             samples.append(EncodedSample(ids, labels, i))
         batch = build_step(samples, world_size=1, rank=0, budget=300, epoch=0, step=0)
         assert len(batch.micro_batches) >= 2, "the profile must accumulate over micro-batches"
-        counts: list[str] = []
-        with _count_host_syncs(counts):
-            train_step(model, batch.micro_batches, batch.num_label_tokens, d.device, max_grad_norm=1.0).tolist()  # as train.py reads it
-        outside = [c for c in counts if not c.startswith("kernels/reference.py")]
+        with _HostReads() as reads:
+            train_step(model, batch.micro_batches, batch.num_label_tokens, world.device, max_grad_norm=1.0).tolist()  # run_steps' read
+        outside = [c for c in reads.sites if not c.startswith("kernels/reference.py")]
         return len(outside), outside
     finally:
         dist.destroy_process_group()
@@ -290,10 +290,7 @@ def host_syncs_per_step() -> tuple[int, list[str]]:
 
 def limo_32b_figures() -> dict[str, float]:
     """The 32B recipe's step simulated at full size on 8 ranks, against the planner."""
-    from engine.config import load_config
-    from engine.simulate import simulate
-
-    sim = simulate(load_config(ROOT / "configs/limo_qwen2.5_32b_8xh100.toml"), 8, full_batches=2)
+    sim = simulate(load_config(LIMO_RECIPE), 8, full_batches=2)
     return {"limo_32b_simulated_peak_gib": sim.peak_gib, "limo_32b_planner_error": abs(sim.planner_error),
             "limo_32b_planned_total_gib": sim.plan["peak_gib"]}  # fmt: skip
 
@@ -311,8 +308,6 @@ def measure() -> dict:
     )
     syncs, where = host_syncs_per_step()
     figures["host_syncs_per_step"] = syncs
-    from benchmarks.bench_sampler_cpu import host_step
-
     figures["sampler_host_us_per_step_b256"] = host_step(256)["host_us_per_step"]
     figures.update(limo_32b_figures())
     return {"figures": figures, "host_sync_sites": where}

@@ -24,8 +24,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from benchmarks.harness import LIMO_RECIPE, rank_passes
+from data import lengths as length_dist
+from engine.config import load_config
 from engine.metrics import PEAK_BF16_FLOPS
+from engine.simulate import simulate
 from model.flops import step_flops
+from model.weights import model_args
 
 GPUS_PER_NODE = 8
 
@@ -55,23 +60,10 @@ class ScaleRow:
 def scale_row(nodes: int, flops_per_s: float, nvlink_gbps: float, ib_gbps: float, simulation: dict | None = None) -> ScaleRow:
     """One node count: simulate it (unless `simulation`, its JSON, is given), then lay out the run,
     each GPU computing at `flops_per_s`."""
-    from data import lengths as length_dist
-    from data.dataset import EncodedSample
-    from data.loader import PackedLoader
-    from data.packing import plan
-
-    import torch
-
-    from engine.config import load_config
-    from model.weights import model_args
-    from benchmarks.bench_train_step import RECIPE
-
     gpus = nodes * GPUS_PER_NODE
-    cfg = load_config(RECIPE, [f"--parallel.dp_replicate={nodes}"])
+    cfg = load_config(LIMO_RECIPE, [f"--parallel.dp_replicate={nodes}"])
     args, _ = model_args(cfg)
     if simulation is None:
-        from engine.simulate import simulate
-
         sim = simulate(cfg, gpus)
         simulation = {"peak_gib": sim.peak_gib, "planned_total_gib": sim.plan["peak_gib"], "collectives": sim.collectives,
                       "micro_batches": sim.micro_batches}  # fmt: skip
@@ -83,19 +75,16 @@ def scale_row(nodes: int, flops_per_s: float, nvlink_gbps: float, ib_gbps: float
     ib = all_reduce * 2 * (nodes - 1) / nodes / (ib_gbps * 1e9) if nodes > 1 else 0.0
 
     sample_lengths = length_dist.draw(817, cfg.train.seed, cap=cfg.data.max_tokens)
-    samples = [EncodedSample(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.int32), index=i) for i, n in enumerate(sample_lengths)]
-    loader = PackedLoader(samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
-                          epochs=cfg.train.epochs, world_size=gpus, rank=0, seed=cfg.train.seed)  # fmt: skip
     overlapped = serial = compute_total = 0.0
-    pass_count = idle = rank_passes = 0
-    for batch in loader:
-        layout = plan(batch.seqlens, gpus, cfg.data.tokens_per_microbatch, loader.cost)
-        count = max(1, *(len(r) for r in layout))  # every rank runs as many passes as the busiest
-        for k in range(count):
-            per_rank = [step_flops(args, [batch.seqlens[i] for i in r[k]]) if k < len(r) else 0.0 for r in layout]
+    steps = pass_count = idle = ranks_times_passes = 0
+    for step in rank_passes(sample_lengths, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
+                            epochs=cfg.train.epochs, world_size=gpus, seed=cfg.train.seed):  # fmt: skip
+        steps += 1
+        for ranks in step:  # every rank runs as many passes as the busiest
+            per_rank = [step_flops(args, seqlens) if seqlens else 0.0 for seqlens in ranks]
             compute = max(per_rank) / flops_per_s
             idle += sum(1 for f in per_rank if f == 0.0)
-            rank_passes += gpus
+            ranks_times_passes += gpus
             compute_total += compute
             overlapped += max(compute, nvlink, ib)
             serial += compute + nvlink + ib
@@ -103,8 +92,8 @@ def scale_row(nodes: int, flops_per_s: float, nvlink_gbps: float, ib_gbps: float
     return ScaleRow(
         nodes=nodes, gpus=gpus, peak_gib=simulation["peak_gib"], planned_gib=simulation["planned_total_gib"],
         gather_scatter_gb_per_pass=gather_scatter / 1e9, all_reduce_gb_per_pass=all_reduce / 1e9,
-        passes_per_step=pass_count / loader.total_steps, compute_s_per_pass=compute_total / pass_count, nvlink_s_per_pass=nvlink,
-        ib_s_per_pass=ib, minutes_overlapped=overlapped / 60, minutes_serial=serial / 60, idle_rank_fraction=idle / rank_passes,
+        passes_per_step=pass_count / steps, compute_s_per_pass=compute_total / pass_count, nvlink_s_per_pass=nvlink,
+        ib_s_per_pass=ib, minutes_overlapped=overlapped / 60, minutes_serial=serial / 60, idle_rank_fraction=idle / ranks_times_passes,
     )  # fmt: skip
 
 

@@ -27,8 +27,8 @@ from curate.difficulty import draw_and_grade, filter_by_band
 from curate.records import StepDir, as_limo, as_removal, file_hash, read_jsonl, read_pool, write_jsonl
 from curate.report import write_report
 from curate.score import score_chains
-from model.fingerprint import model_fingerprint
 from curate.select import select_top
+from model.fingerprint import model_fingerprint
 
 STEPS = ("dedup", "decontaminate", "difficulty", "score", "select")
 

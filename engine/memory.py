@@ -27,7 +27,6 @@ The breakdown (component -> GiB) sums to the peak.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -36,8 +35,9 @@ from pathlib import Path
 import torch
 
 from engine.config import Config, ConfigError, load_config
-from model.qwen2 import PRESETS, ModelArgs
 from kernels.cross_entropy import chunk_tokens
+from model.qwen2 import ModelArgs
+from tools.dtypes import dtype_of
 
 GIB = 2**30
 H100_80GB_GIB = 81559 * 2**20 / GIB  # 79.6 GiB as nvidia-smi reports the 80 GB part
@@ -154,7 +154,7 @@ def plan_memory(
     reserved_gib = (0.0 if on_cpu else RUNTIME_RESERVED_GIB) if reserved_gib is None else reserved_gib
     baseline_gib = (CPU_PROCESS_BASELINE_GIB if on_cpu else 0.0) if baseline_gib is None else baseline_gib
     shard = world_size // p.dp_replicate
-    cb = 2 if cfg.train.dtype == "bfloat16" else 4  # compute (gathered parameter) bytes
+    cb = dtype_of(cfg.train.dtype).itemsize  # compute (gathered parameter) bytes
     T, H, V, L = cfg.data.tokens_per_microbatch, args.hidden_size, args.vocab_size, args.num_layers
 
     n_total = args.num_params()
@@ -208,7 +208,7 @@ def plan_memory(
             "block gradients in flight": n_block * 4 if shard > 1 and j < L - 1 else n_block * cb,
         }
     largest_shard = max(V * H, args.intermediate_size * H) / shard
-    if cfg.optim.state_dtype == "bfloat16":  # ours: fp32 copies of one parameter's two moments at a time
+    if cfg.optim.state_dtype != "float32":  # ours: fp32 copies of one parameter's two moments at a time
         moments["optimizer step"] = {**static, "optimizer temporaries (largest shard's fp32 moments)": 2 * largest_shard * 4}
     moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
     parts = {k: v for k, v in parts.items() if v}
@@ -234,7 +234,7 @@ UNTRACKED = ("allocator", "prefetched blocks' all-gather outputs (CUDA streams)"
 def _static_state(cfg: Config, n_total: int, shard: int) -> dict[str, float]:
     """Sharded fp32 master weights and gradients, and both AdamW moments: there all step long."""
     on_device = 0 if cfg.parallel.cpu_offload else 1
-    state_bytes = 2 if cfg.optim.state_dtype == "bfloat16" else 4
+    state_bytes = dtype_of(cfg.optim.state_dtype).itemsize
     return {
         "params (sharded fp32)": on_device * n_total * 4 / shard,
         "grads (sharded fp32)": on_device * n_total * 4 / shard,
@@ -245,7 +245,7 @@ def _static_state(cfg: Config, n_total: int, shard: int) -> dict[str, float]:
 def checkpoint_bytes(cfg: Config, args: ModelArgs) -> int:
     """Bytes of one DCP checkpoint on disk, all ranks together: the fp32 master weights and both
     AdamW moments, the state the plan counts as static (Qwen2.5-32B with bf16 moments: 262 GB)."""
-    state_bytes = 2 if cfg.optim.state_dtype == "bfloat16" else 4
+    state_bytes = dtype_of(cfg.optim.state_dtype).itemsize
     return args.num_params() * (4 + 2 * state_bytes)
 
 

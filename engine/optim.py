@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from engine.config import OptimConfig
+from tools.dtypes import dtype_of
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -83,8 +84,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
-    if cfg.state_dtype == "bfloat16":
-        return AdamWLowPrecisionState(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, state_dtype=torch.bfloat16)
+    if cfg.state_dtype != "float32":
+        return AdamWLowPrecisionState(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                      state_dtype=dtype_of(cfg.state_dtype))
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"

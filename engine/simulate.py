@@ -42,7 +42,6 @@ reduce-scatter's input, an all-reduce's tensor, per step and per rank. On a ring
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -56,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.config import Config, ConfigError, load_config
 from engine.memory import GIB, H100_80GB_GIB, UNTRACKED, ExecutionPath, MemoryPlan, plan_memory
 from model.qwen2 import ModelArgs
+from tools.dtypes import dtype_of
 
 # c10d's ops, by what they do; the argument whose bytes count for each.
 _COLLECTIVES = {
@@ -234,20 +234,20 @@ def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from model.qwen2 import build_model
-    from engine.optim import build_optimizer
     from engine.distributed import build_mesh
+    from engine.optim import build_optimizer
     from engine.sharding import parallelize
     from engine.train import train_step
-    from model.weights import model_args
     from kernels import dispatch
+    from model.qwen2 import build_model
+    from model.weights import model_args
 
     if cfg.parallel.cpu_offload:
         raise ConfigError("parallel.cpu_offload=true is not simulated: its state lives in host memory, not the GPU's")
     start = time.perf_counter()
     args, _ = model_args(cfg)
     batch = _full_batch(cfg, full_batches) if full_batches else _step_batch(cfg, args, world_size, step, samples, read_data)
-    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+    dtype = dtype_of(cfg.train.dtype)
     if dist.is_initialized():
         raise RuntimeError("engine.simulate starts its own (fake) process group: call it outside one")
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())

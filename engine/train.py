@@ -39,11 +39,12 @@ from engine.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from engine.optim import build_optimizer, build_scheduler
 from engine.preflight import preflight
 from engine.sharding import parallelize
+from model.fingerprint import model_fingerprint
 from model.flops import step_flops, step_flops_torchtitan
 from model.init import materialize
 from model.qwen2 import PRESETS, ModelArgs, Qwen2, build_model
-from model.fingerprint import model_fingerprint
 from model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
+from tools.dtypes import dtype_of
 
 log = logging.getLogger("engine.train")
 
@@ -82,7 +83,7 @@ def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+    return dtype_of(cfg.train.dtype)
 
 
 def plan_run(cfg: Config, world: Distributed) -> tuple[MemoryPlan, ModelArgs]:

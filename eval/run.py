@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.suites import DEFAULT_DATA, SUITE, Benchmark, Problem, load_benchmark
-from model.fingerprint import model_fingerprint
+from data.suites import DEFAULT_DATA, SUITE, Benchmark, load_benchmark
 from eval.generators import Request, as_generator
 from eval.grading import DEFAULT_TIMEOUT_S, grade
 from eval.results import SampleResult, append_results, format_table, load_results, rewrite_results, summarize
+from model.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
 import triton
 import triton.language as tl
 
 from kernels import cross_entropy, norm
 from kernels import paged_attention as paged
 from kernels.triton_common import interpreting
+from tools.dtypes import dtype_of
 
 # name, hidden, attention heads, KV heads, vocabulary (head dim = hidden / heads); the model
 # presets in model/qwen2.py agree (tests/test_compile_check.py)
@@ -58,7 +58,7 @@ QWEN25 = (
     ("Qwen2.5-32B", 5120, 40, 8, 152064),
     ("Qwen2.5-72B", 8192, 64, 8, 152064),
 )
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")  # Triton's names for them, which tools.dtypes also reads
 PAGE_SIZES = (16,)  # eval/sampler/llm.py's block_size
 MAX_DECODE_BATCH = 256  # eval/sampler/llm.py's max_num_seqs
 MAX_CONTEXT = 32768  # Qwen2.5's max_position_embeddings
@@ -174,7 +174,8 @@ def _paged_builds(target: Target) -> dict[Build, set[str]]:
     builds: dict[Build, set[str]] = {}
     splits = split_counts(target)
     s_pads = sorted({triton.next_power_of_2(s) for s in splits if s > 1})  # the merge kernel's tile of splits
-    for name, dtype in DTYPES.items():
+    for name in DTYPES:
+        dtype = dtype_of(name)
         p = f"*{name}"
         for model, hidden, heads, kv_heads, _ in QWEN25:
             head_dim = hidden // heads

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.init import init_weights
-
 from kernels import attention, dispatch, reference
+from model.init import init_weights
 from tests.conftest import rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

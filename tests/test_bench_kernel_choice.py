@@ -1,4 +1,4 @@
-"""benchmarks/kernel_choice.py: the Liger swap reaches the model and is undone; overrides are refused."""
+"""benchmarks/harness.py kernel_choice: the Liger swap reaches the model and is undone; overrides are refused."""
 
 from dataclasses import replace
 
@@ -7,11 +7,11 @@ import torch
 
 import kernels
 from benchmarks.bench_train_step import SWEEPS
-from benchmarks.kernel_choice import kernel_choice
-from model.init import init_weights
-from model.qwen2 import build_model
+from benchmarks.harness import kernel_choice
 from kernels import reference
 from kernels.triton_common import interpreting
+from model.init import init_weights
+from model.qwen2 import build_model
 
 
 def test_the_liger_swap_reaches_the_model_and_is_undone(monkeypatch):

@@ -329,12 +329,11 @@ def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp
     from the RAM that happens to be free, and it is not touched until used."""
     import torch
 
-    from model.init import init_weights
-
-    from model.qwen2 import PRESETS, build_model
-    from model.weights import save_pretrained
     from eval.sampler import LLM
     from eval.sampler.runner import CPU_KV_CACHE_GIB
+    from model.init import init_weights
+    from model.qwen2 import PRESETS, build_model
+    from model.weights import save_pretrained
 
     torch.manual_seed(0)
     model = build_model(PRESETS["tiny"], device="cpu")

@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
-from model.qwen2 import PRESETS, DecoderLayer, LMHead, ModelArgs, Qwen2, VarlenContext, rotary_cos_sin
 from kernels import dispatch
+from model.qwen2 import PRESETS, DecoderLayer, LMHead, ModelArgs, Qwen2, VarlenContext, rotary_cos_sin
 from tests.conftest import rel_err
 from tests.fake_gpu import fake_gpu
 

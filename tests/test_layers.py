@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 # Each package's layer: a package imports only packages of lower layers (siblings never import each other).
-LAYERS = {"kernels": 0, "tools": 0, "model": 1, "data": 2, "engine": 3, "eval": 3, "curate": 4, "benchmarks": 5}
+LAYERS = {"tools": 0, "kernels": 1, "model": 2, "data": 3, "engine": 4, "eval": 4, "curate": 5, "benchmarks": 6}
 
 
 def _module_name(path: Path) -> str:
@@ -84,6 +84,20 @@ def test_packages_import_only_the_layers_below_them():
                     if a.split(".")[0] != b.split(".")[0] and LAYERS[b.split(".")[0]] >= LAYERS[a.split(".")[0]]})  # fmt: skip
     assert not wrong, "imports against the layers (package -> package: module -> module):\n" + "\n".join(
         f"  {pa} -> {pb}: {a} -> {b}" for pa, pb, a, b in wrong)
+
+
+# Inside benchmarks/: scripts share helpers through the harness alone. These run other scripts'
+# measurements: the CI profile, the GPU summary and projection, the sampler's front (--host and
+# --contexts run bench_sampler_cpu.py), the pytest-benchmark entry points.
+AGGREGATORS = {"benchmarks.regression", "benchmarks.summary", "benchmarks.project", "benchmarks.bench_sampler",
+               "benchmarks.test_bench_kernels"}
+
+
+def test_benchmark_scripts_share_helpers_through_the_harness_only():
+    wrong = sorted((a, b) for a, targets in _graph().items() if a.startswith("benchmarks.") and a not in AGGREGATORS
+                   for b in targets if b.startswith("benchmarks.") and b != "benchmarks.harness")  # fmt: skip
+    assert not wrong, "benchmark scripts importing each other (share the helper through benchmarks/harness.py):\n" + "\n".join(
+        f"  {a} -> {b}" for a, b in wrong)
 
 
 def test_the_checks_see_a_cycle_and_a_layer_broken_in_a_function():

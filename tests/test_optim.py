@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine.config import OptimConfig
-from model.qwen2 import PRESETS, build_model
 from engine.optim import AdamWLowPrecisionState, build_optimizer, lr_lambda, param_groups
+from model.qwen2 import PRESETS, build_model
 
 
 def test_no_weight_decay_on_norms_and_biases():

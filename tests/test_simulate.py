@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from engine.config import load_config
-from model.qwen2 import ModelArgs
 from engine.simulate import simulate
+from model.qwen2 import ModelArgs
 from tests.conftest import ROOT
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from model.qwen2 import ArchitectureError
-from model.weights import HFCheckpoint, WeightsError, load_pretrained, save_pretrained, write_hf, iter_state
+from model.weights import HFCheckpoint, WeightsError, iter_state, load_pretrained, save_pretrained, write_hf
 from tests.conftest import random_hf_qwen2, rel_err
 
 

@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from tools.progress import progress_bar
-from model.weights import load_pretrained
 from eval.sampler.block_manager import BlockManager
 from eval.sampler.runner import ModelRunner
 from eval.sampler.scheduler import Scheduler
 from eval.sampler.sequence import SamplingParams, Sequence
 from eval.sampler.stopping import StopChecker
+from model.weights import load_pretrained
+from tools.dtypes import DTYPES, dtype_of
+from tools.progress import progress_bar
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -45,13 +45,7 @@ class Output:
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype={dtype}; allowed: {', '.join(DTYPES)}")
-    return dtype
+    return dtype_of(dtype, allowed=DTYPES)
 
 
 def _load_tokenizer(folder: Path) -> Any:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from model.qwen2 import Qwen2
 from eval.sampler.sampling import Sampler, noise_keys
 from eval.sampler.scheduler import Batch
 from eval.sampler.sequence import Sequence
 from kernels.paged_attention import paged_attention, split_plan, store_kv
+from model.qwen2 import Qwen2
 
 log = logging.getLogger(__name__)
 
