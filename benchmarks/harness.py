@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 import kernels
+from kernels.dispatch import swapped_kernels
 from data.dataset import EncodedSample
 from data.loader import PackedLoader
 from data.packing import plan
@@ -343,10 +344,9 @@ def main_for(
 
 # ---------------------------------------------------------------------------------------------
 # Which kernels the model runs on: ours (Triton), the torch references, or Liger-Kernel's swapped in.
-# Model code calls `kernels.rmsnorm` and `kernels.fused_linear_cross_entropy` by attribute at call
-# time, so a benchmark can run the same model on another implementation of the two ops without
-# touching the model: `kernels.set_backend` for ours and the references, a swap of the two
-# attributes for Liger's. Either way the engine's choice is restored on exit, errors included.
+# The same model runs on another implementation of RMSNorm and the fused cross-entropy without
+# being touched: `kernels.set_backend` for ours and the references, kernels.dispatch's
+# swapped_kernels for Liger's. Either way the engine's choice is restored on exit, errors included.
 
 KERNELS = ("triton", "torch", "liger")
 
@@ -390,12 +390,8 @@ def kernel_choice(name: str, device: torch.device, liger=liger_ops):
         raise RuntimeError(f"KERNELS_BACKEND={os.environ['KERNELS_BACKEND']} is set and would override the kernels ablation: unset it")
     if name == "liger":
         rmsnorm, flce = liger(device)
-        saved = kernels.rmsnorm, kernels.fused_linear_cross_entropy
-        kernels.rmsnorm, kernels.fused_linear_cross_entropy = rmsnorm, flce  # model.py looks these up at call time
-        try:
+        with swapped_kernels(rmsnorm=rmsnorm, fused_linear_cross_entropy=flce):
             yield
-        finally:
-            kernels.rmsnorm, kernels.fused_linear_cross_entropy = saved
         return
     try:
         kernels.set_backend(name)

@@ -23,13 +23,15 @@ from kernels import cross_entropy as _cross_entropy
 from kernels import norm as _norm
 from kernels import reference
 from kernels.attention import varlen_attention
-from kernels.dispatch import BACKENDS, backend, kernel_backend, set_backend
+from kernels.dispatch import BACKENDS, backend, kernel_backend, set_backend, swapped
 
 
 def rmsnorm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = weight * (x / rms(x)); with `residual`, normalise s = x + residual and return (y, s)."""
+    if (other := swapped("rmsnorm")) is not None:
+        return other(x, weight, eps, residual=residual)
     if kernel_backend(x) == "triton":
         return _norm.rmsnorm(x, weight, eps, residual=residual)
     return reference.rmsnorm(x, weight, eps, residual=residual)
@@ -45,6 +47,8 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets` without [T, V] logits, on either backend
     (the torch one runs the same chunks in torch ops: kernels/cross_entropy.py)."""
+    if (other := swapped("fused_linear_cross_entropy")) is not None:
+        return other(hidden, weight, targets, ignore_index, reduction, z_loss)
     chosen = kernel_backend(hidden)
     return _cross_entropy.fused_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, z_loss, backend=chosen)
 

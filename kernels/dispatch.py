@@ -13,7 +13,9 @@ Two choices, each made once per process (per device type, and per dtype for atte
                   or "reference" (one SDPA call per sample), in that order of preference; the fused
                   ones need CUDA and fp16/bf16. ATTENTION_BACKEND names one.
 
-A named backend that cannot run raises; nothing falls back silently.
+A named backend that cannot run raises; nothing falls back silently. A benchmark that compares
+with another library's kernels (Liger-Kernel's) swaps them in for a block, `swapped_kernels`,
+behind the same signatures: the model code and the engine's own choice stay as they are.
 
 Fake tensors (FakeTensorMode) take the path their device names: a fake CUDA tensor gets exactly
 the ops an H100 would run (Triton ops, flash/torch varlen attention), on a machine without a
@@ -36,7 +38,7 @@ import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -54,7 +56,32 @@ _resolved: dict[tuple[str, bool], str] = {}  # (device type, fake) -> "triton" |
 _attention: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> attention backend
 
 
+_swapped: dict[str, Callable] = {}  # op -> another library's implementation, inside swapped_kernels
+SWAPPABLE = ("rmsnorm", "fused_linear_cross_entropy")
+
 _as_device: list[str] = []  # the device type value-less tensors stand for, innermost as_device last
+
+
+@contextlib.contextmanager
+def swapped_kernels(**impls: Callable) -> Iterator[None]:
+    """Inside this block, `kernels.rmsnorm` and `kernels.fused_linear_cross_entropy` run the given
+    implementations (same signatures) instead of the backend's; on exit, errors included, the
+    engine's own are back. Does not nest."""
+    unknown = sorted(set(impls) - set(SWAPPABLE))
+    if unknown:
+        raise ValueError(f"swapped_kernels: no op {unknown}; swappable: {', '.join(SWAPPABLE)}")
+    if _swapped:
+        raise RuntimeError(f"swapped_kernels: {', '.join(_swapped)} already swapped (the block does not nest)")
+    _swapped.update(impls)
+    try:
+        yield
+    finally:
+        _swapped.clear()
+
+
+def swapped(op: str) -> Callable | None:
+    """The implementation swapped in for `op` (see swapped_kernels), or None."""
+    return _swapped.get(op)
 
 
 def fake_or_traced(t: torch.Tensor) -> bool:
