@@ -61,7 +61,8 @@ def epoch_packing(loader: PackedLoader) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> str:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimpleNamespace]:
+    """The command line, and the [data] settings it spells (a data.dataset.DataSettings), checked."""
     p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="'synthetic', a .jsonl/.json/.parquet file, or a hub dataset id")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the byte-level one for synthetic data)")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> str:
                    help="architecture whose FLOPs weigh each sample for the rank split, as training does (default qwen2.5-32b)")
     p.add_argument("--bins", type=int, default=12, help="histogram bins")
     args = p.parse_args(argv)
-    cfg = SimpleNamespace(  # a data.dataset.DataSettings, as a run's [data] section would say it
+    cfg = SimpleNamespace(  # as a run's [data] section would say it
         path=args.data, format=args.format, tokenizer=args.tokenizer, system_prompt=args.system_prompt, max_tokens=args.max_tokens,
         overlong=args.overlong, tokens_per_microbatch=args.tokens_per_microbatch or args.max_tokens, samples_per_step=args.samples_per_step,
         synthetic_samples=817,
@@ -90,21 +91,19 @@ def main(argv: list[str] | None = None) -> str:
     if cfg.tokens_per_microbatch < cfg.max_tokens:
         raise SystemExit(f"python -m data.inspect: --tokens-per-microbatch={cfg.tokens_per_microbatch} is smaller than "
                          f"--max-tokens={cfg.max_tokens}: the longest sample must fit one micro-batch")
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> str:
+    args, cfg = _parse(argv)
     try:
         samples, report = load_samples(cfg, resolve_tokenizer(cfg))
     except DataError as e:
         raise SystemExit(f"python -m data.inspect: {e}") from None
     lengths = sorted(len(s) for s in samples)
     cost = CostModel.for_model(PRESETS[args.model_preset])
-    loader = PackedLoader(
-        samples,
-        samples_per_step=cfg.samples_per_step,
-        tokens_per_microbatch=cfg.tokens_per_microbatch,
-        epochs=1,
-        world_size=args.world_size,
-        seed=args.seed,
-        cost=cost,
-    )
+    loader = PackedLoader(samples, samples_per_step=cfg.samples_per_step, tokens_per_microbatch=cfg.tokens_per_microbatch, epochs=1,
+                          world_size=args.world_size, seed=args.seed, cost=cost)  # fmt: skip
     packing = epoch_packing(loader)
     last = len(samples) - (loader.steps_per_epoch - 1) * cfg.samples_per_step
     quantiles = ", ".join(f"p{round(q * 100)} {percentile(lengths, q)}" for q in (0.5, 0.9, 0.99))

@@ -153,70 +153,18 @@ def plan_memory(
     on_cpu = path.device != "cuda"
     reserved_gib = (0.0 if on_cpu else RUNTIME_RESERVED_GIB) if reserved_gib is None else reserved_gib
     baseline_gib = (CPU_PROCESS_BASELINE_GIB if on_cpu else 0.0) if baseline_gib is None else baseline_gib
-    shard = world_size // p.dp_replicate
-    cb = dtype_of(cfg.train.dtype).itemsize  # compute (gathered parameter) bytes
-    T, H, V, L = cfg.data.tokens_per_microbatch, args.hidden_size, args.vocab_size, args.num_layers
-
-    n_total = args.num_params()
-    n_head = 0 if args.tie_word_embeddings else V * H
-    n_block = (n_total - V * H - n_head - H) // L
-    n_head_group = V * H + H  # [norm, lm_head]; tied, the root group: the embedding (the head) and the norm
-    static = _static_state(cfg, n_total, shard)
-
-    # What each layer keeps for backward: its input when checkpointed, else all it saves.
-    per_layer = layer_activation_bytes_per_token(args, cb, path) * T
-    boundary = T * H * cb
-    checkpointed = [p.activation_checkpointing == "full" or (p.activation_checkpointing == "selective" and i % 2 == 0) for i in range(L)]
-    kept = [boundary if ck else per_layer for ck in checkpointed]
-    head_saves = T * H * cb + T * 4  # the final norm's input and fp32 rstd
-
-    # The head's group, gathered, and the forward's last all-gather output: FSDP2 frees one only at
-    # the next group's copy-out. Untied, the head's own group is gathered last; tied, the head is
-    # the root group's embedding, gathered first, and the last is the last block's.
-    last_gather = (n_block if args.tie_word_embeddings else n_head_group) * cb
-    gathered_head = {"gathered head": n_head_group * cb, "last all-gather output": last_gather if shard > 1 else 0}
-    dtype = torch.bfloat16 if cb == 2 else torch.float32
-    chunk = chunk_tokens(T, V, dtype, device_type=path.device)  # the kernel's own rule
-    # A half chunk's fp32 working copy, one at a time: the torch twin computes its loss in fp32,
-    # and a CPU's matmuls take half operands to fp32 (no fp32-output half matmuls there), the head too.
-    chunk_copies = chunk * V * 4 if cb < 4 and (path.kernels == "torch" or on_cpu) else 0
-    head_upcast = V * H * 4 if on_cpu and cb < 4 else 0
-    ce_fp32 = V * H * 4 + T * H * 4  # the fused cross-entropy's fp32 dweight and dhidden
-    moments = {
-        "head forward": {
-            **static, **gathered_head, "saved activations": sum(kept) + head_saves,
-            "loss head (logits chunk + fp32 grads)": chunk * V * cb + chunk_copies + head_upcast + ce_fp32,
-        },
-        "head backward": {
-            **static, **gathered_head, "saved activations": sum(kept) + head_saves,
-            "loss head (fp32 grads + their casts)": ce_fp32 + V * H * cb + T * H * cb,
-        },
-    }  # fmt: skip
-    # A layer's backward, for the last two layers (the first two in backward order): what the
-    # layers before it keep, its own saved activations (recomputed from its kept input, when
-    # checkpointed), the MLP's gradients in flight and its gathered weights. Its weight gradients
-    # are in flight too: in the first layer, its own unsharded ones; from the second on, with more
-    # than one shard, the previous layer's in their fp32 reduce-scatter input instead.
-    mlp_grads = 3 * T * args.intermediate_size * cb + 2 * T * H * cb  # d(product), d(gate), d(up); dh in and out
-    gathered_blocks = n_block * cb if p.reshard_after_forward else L * n_block * cb  # ZeRO-2 keeps every block gathered
-    for j in (L - 1, L - 2) if L > 1 else (L - 1,):
-        moments[f"layer {j} backward"] = {
-            **static,
-            "gathered block": gathered_blocks,
-            "saved activations": sum(kept[:j]) + (0 if checkpointed[j] else kept[j]),
-            "recomputed layer + its gradients": (per_layer if checkpointed[j] else 0) + mlp_grads,
-            "block gradients in flight": n_block * 4 if shard > 1 and j < L - 1 else n_block * cb,
-        }
-    largest_shard = max(V * H, args.intermediate_size * H) / shard
+    sizes = _Sizes.of(cfg, args, world_size // p.dp_replicate, path)
+    moments = {**_loss_head_moments(sizes, path), **_layer_backward_moments(sizes, cfg)}
     if cfg.optim.state_dtype != "float32":  # ours: fp32 copies of one parameter's two moments at a time
-        moments["optimizer step"] = {**static, "optimizer temporaries (largest shard's fp32 moments)": 2 * largest_shard * 4}
+        largest_shard = max(args.vocab_size * args.hidden_size, args.intermediate_size * args.hidden_size) / sizes.shard
+        moments["optimizer step"] = {**sizes.static, "optimizer temporaries (largest shard's fp32 moments)": 2 * largest_shard * 4}
     moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
     parts = {k: v for k, v in parts.items() if v}
     # What the tensors alone do not show, on their own lines: the caching allocator's fragmentation
     # (a CPU's heap slack), and on a GPU the next block's all-gather, issued ahead on its own stream
     # (explicit prefetch), whose output is alive while this block computes.
     if not on_cpu and p.prefetch and "backward" in moment and moment.startswith("layer"):
-        parts["prefetched blocks' all-gather outputs (CUDA streams)"] = p.prefetch * n_block * cb
+        parts["prefetched blocks' all-gather outputs (CUDA streams)"] = p.prefetch * sizes.n_block * sizes.cb
     parts["allocator"] = (CPU_ALLOCATOR_SLACK if on_cpu else FRAGMENTATION) * sum(parts.values())
     breakdown = {k: v / GIB for k, v in parts.items()}
     if on_cpu:
@@ -225,6 +173,91 @@ def plan_memory(
     usable = capacity_gib - reserved_gib
     return MemoryPlan(peak_gib=peak, capacity_gib=usable, fits=peak <= usable, moment=moment, breakdown=breakdown,
                       path=asdict(path), baseline_gib=baseline_gib if on_cpu else 0.0)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The byte counts every moment of the plan is made of."""
+
+    shard: int  # ranks a parameter is sharded over
+    cb: int  # compute (gathered parameter) bytes per element
+    T: int  # tokens per micro-batch
+    H: int
+    I: int
+    V: int
+    n_block: int  # parameters of one decoder block
+    n_head_group: int  # the [norm, lm_head] group; tied, the root group: the embedding (the head) and the norm
+    last_gather: int  # the forward's last all-gather output, bytes
+    static: dict  # sharded master weights, gradients and moments: there all step long
+    per_layer: int  # what a layer saves for backward, without checkpointing
+    checkpointed: tuple[bool, ...]  # per layer
+    kept: tuple[int, ...]  # what each layer keeps for backward: its input when checkpointed, else all it saves
+    head_saves: int  # the final norm's input and fp32 rstd
+
+    @classmethod
+    def of(cls, cfg: Config, args: ModelArgs, shard: int, path: ExecutionPath) -> _Sizes:
+        p = cfg.parallel
+        cb = dtype_of(cfg.train.dtype).itemsize
+        T, H, V, L = cfg.data.tokens_per_microbatch, args.hidden_size, args.vocab_size, args.num_layers
+        n_total = args.num_params()
+        n_head = 0 if args.tie_word_embeddings else V * H
+        n_block = (n_total - V * H - n_head - H) // L
+        n_head_group = V * H + H
+        per_layer = layer_activation_bytes_per_token(args, cb, path) * T
+        checkpointed = tuple(p.activation_checkpointing == "full" or (p.activation_checkpointing == "selective" and i % 2 == 0)
+                             for i in range(L))  # fmt: skip
+        # Untied, the head's own group is gathered last; tied, the head is the root group's
+        # embedding, gathered first, and the last is the last block's.
+        last_gather = (n_block if args.tie_word_embeddings else n_head_group) * cb
+        return cls(shard=shard, cb=cb, T=T, H=H, I=args.intermediate_size, V=V, n_block=n_block, n_head_group=n_head_group, last_gather=last_gather,
+                   static=_static_state(cfg, n_total, shard), per_layer=per_layer, checkpointed=checkpointed,
+                   kept=tuple(T * H * cb if ck else per_layer for ck in checkpointed), head_saves=T * H * cb + T * 4)  # fmt: skip
+
+
+def _loss_head_moments(s: _Sizes, path: ExecutionPath) -> dict[str, dict[str, float]]:
+    """The loss head's forward and backward: every layer's kept activations, the head's group
+    gathered, and the forward's last all-gather output (FSDP2 frees one only at the next group's
+    copy-out), with the fused cross-entropy's chunk and fp32 gradients."""
+    on_cpu = path.device != "cuda"
+    gathered_head = {"gathered head": s.n_head_group * s.cb, "last all-gather output": s.last_gather if s.shard > 1 else 0}
+    chunk = chunk_tokens(s.T, s.V, dtype_of("bfloat16" if s.cb == 2 else "float32"), device_type=path.device)  # the kernel's own rule
+    # A half chunk's fp32 working copy, one at a time: the torch twin computes its loss in fp32,
+    # and a CPU's matmuls take half operands to fp32 (no fp32-output half matmuls there), the head too.
+    chunk_copies = chunk * s.V * 4 if s.cb < 4 and (path.kernels == "torch" or on_cpu) else 0
+    head_upcast = s.V * s.H * 4 if on_cpu and s.cb < 4 else 0
+    ce_fp32 = s.V * s.H * 4 + s.T * s.H * 4  # the fused cross-entropy's fp32 dweight and dhidden
+    saved = sum(s.kept) + s.head_saves
+    return {
+        "head forward": {
+            **s.static, **gathered_head, "saved activations": saved,
+            "loss head (logits chunk + fp32 grads)": chunk * s.V * s.cb + chunk_copies + head_upcast + ce_fp32,
+        },
+        "head backward": {
+            **s.static, **gathered_head, "saved activations": saved,
+            "loss head (fp32 grads + their casts)": ce_fp32 + s.V * s.H * s.cb + s.T * s.H * s.cb,
+        },
+    }  # fmt: skip
+
+
+def _layer_backward_moments(s: _Sizes, cfg: Config) -> dict[str, dict[str, float]]:
+    """A layer's backward, for the last two layers (the first two in backward order): what the
+    layers before it keep, its own saved activations (recomputed from its kept input, when
+    checkpointed), the MLP's gradients in flight and its gathered weights. Its weight gradients
+    are in flight too: in the first layer, its own unsharded ones; from the second on, with more
+    than one shard, the previous layer's in their fp32 reduce-scatter input instead."""
+    L = len(s.kept)
+    mlp_grads = 3 * s.T * s.I * s.cb + 2 * s.T * s.H * s.cb  # d(product), d(gate), d(up); dh in and out
+    gathered_blocks = s.n_block * s.cb if cfg.parallel.reshard_after_forward else L * s.n_block * s.cb  # ZeRO-2 keeps every block gathered
+    moments = {}
+    for j in (L - 1, L - 2) if L > 1 else (L - 1,):
+        moments[f"layer {j} backward"] = {
+            **s.static,
+            "gathered block": gathered_blocks,
+            "saved activations": sum(s.kept[:j]) + (0 if s.checkpointed[j] else s.kept[j]),
+            "recomputed layer + its gradients": (s.per_layer if s.checkpointed[j] else 0) + mlp_grads,
+            "block gradients in flight": s.n_block * 4 if s.shard > 1 and j < L - 1 else s.n_block * s.cb,
+        }
+    return moments
 
 
 # The lines of a plan that no tracker of live tensors sees (engine/simulate.py leaves them out).

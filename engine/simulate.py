@@ -41,20 +41,38 @@ reduce-scatter's input, an all-reduce's tensor, per step and per rank. On a ring
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import _MemRefType
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from data import lengths
+from data.dataset import EncodedSample, load_samples, resolve_tokenizer
+from data.loader import PackedLoader
+from data.packing import CostModel, pack
 from engine.config import Config, ConfigError, load_config
+from engine.distributed import build_mesh
 from engine.memory import GIB, H100_80GB_GIB, UNTRACKED, ExecutionPath, MemoryPlan, plan_memory
-from model.qwen2 import ModelArgs
+from engine.optim import build_optimizer
+from engine.sharding import parallelize
+from engine.train import train_step
+from kernels import dispatch
+from kernels.cross_entropy import workspace_bytes
+from model.qwen2 import ModelArgs, build_model
+from model.weights import model_args
 from tools.dtypes import dtype_of
 
 # c10d's ops, by what they do; the argument whose bytes count for each.
@@ -115,13 +133,9 @@ def _lengths(cfg: Config, samples: int, seed: int, read_data: bool) -> list[int]
     """Sample lengths: the data's, tokenized as training does (`read_data`: --data.path was given),
     or drawn from the long-CoT proxy (a recipe's data.path may be a hub id out of reach)."""
     if read_data:
-        from data.dataset import load_samples, resolve_tokenizer
-
         tokenizer = resolve_tokenizer(cfg.data, model_path=cfg.model.path)
         encoded, _ = load_samples(cfg.data, tokenizer)
         return [len(s) for s in encoded]
-    from data import lengths
-
     drawn = lengths.draw(samples, seed, cap=cfg.data.max_tokens)
     return drawn if cfg.data.overlong == "truncate" else [n for n in lengths.draw(samples, seed, cap=10**9) if n <= cfg.data.max_tokens]
 
@@ -129,10 +143,6 @@ def _lengths(cfg: Config, samples: int, seed: int, read_data: bool) -> list[int]
 def _step_batch(cfg: Config, args: ModelArgs, world_size: int, step: int | None, samples: int, read_data: bool):
     """This rank's (rank 0's) share of one global step, as data/loader.py packs it: step `step`, or
     (None) the step of the first epoch whose largest micro-batch on rank 0 is the largest."""
-    from data.dataset import EncodedSample
-    from data.loader import PackedLoader
-    from data.packing import CostModel
-
     encoded = [EncodedSample(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.int32), index=i)
                for i, n in enumerate(_lengths(cfg, samples, cfg.train.seed, read_data))]  # fmt: skip
     loader = PackedLoader(encoded, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
@@ -147,11 +157,6 @@ def _full_batch(cfg: Config, count: int):
     """`count` micro-batches of exactly data.tokens_per_microbatch tokens each, in samples of at most
     data.max_tokens: the worst case the planner plans for (from the second one on, the gradients of
     the step so far are all there during backward)."""
-    from types import SimpleNamespace
-
-    from data.dataset import EncodedSample
-    from data.packing import pack
-
     T, longest = cfg.data.tokens_per_microbatch, cfg.data.max_tokens
     lengths = [longest] * (T // longest) + ([T % longest] if T % longest else [])
     micro_batches = [pack([EncodedSample(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.int32), index=i)
@@ -176,12 +181,6 @@ def _step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
     forward clears them first (the step's peak is kept apart from them). Whenever the peak rises,
     the innermost module running then, and the pass, are noted in `peak_place`.
     """
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import _MemRefType
-    from torch.distributed.tensor import DTensor
-
-    from kernels.cross_entropy import workspace_bytes
-
     class StepTracker(FSDPMemTracker):
         peak_place = "the optimizer step"
 
@@ -223,6 +222,30 @@ def _step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
     return StepTracker(model, optimizer)
 
 
+def _fake_step(cfg: Config, args: ModelArgs, world_size: int, batch: Any, dtype: torch.dtype) -> tuple[dict, str, dict[str, int]]:
+    """train.py's model, plan and optimizer on fake tensors in the (fake) process group, and one
+    steady step over `batch`: the tracker's peak snapshot, where it fell, the collectives' bytes."""
+    mesh = build_mesh("cpu", world_size, cfg.parallel.dp_replicate)
+    model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights, as train.py
+    parallelize(model, mesh, cfg.parallel, param_dtype=dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, dispatch.as_device("cuda"):
+        micro_batches = [replace(mb, **{k: mode.from_tensor(getattr(mb, k)) for k in MICRO_BATCH_TENSORS}) for mb in batch.micro_batches]
+        model.to_empty(device="cpu")
+        model.tie_weights()
+        optimizer = build_optimizer(model, cfg.optim, torch.device("cuda"))  # the GPU's choice of implementation
+        for p in model.parameters():  # the state of a steady step: created by a step on zero gradients
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tracker = _step_tracker(model, optimizer)
+        counter = CollectiveBytes()
+        with tracker, counter:
+            train_step(model, micro_batches, max(batch.num_label_tokens, 1), torch.device("cpu"), cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return tracker.get_tracker_snapshot("peak"), tracker.peak_place, dict(counter.bytes)
+
+
 def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int = 817, capacity_gib: float = H100_80GB_GIB,
              read_data: bool = False, full_batches: int = 0) -> Simulation:
     """One simulated training step of `cfg` on `world_size` ranks (see the module docstring).
@@ -231,17 +254,6 @@ def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int
     planner's worst case), or else global step `step` as the loader packs it (None: the heaviest
     of the first epoch), its sample lengths from cfg.data.path (`read_data`) or the long-CoT proxy.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from engine.distributed import build_mesh
-    from engine.optim import build_optimizer
-    from engine.sharding import parallelize
-    from engine.train import train_step
-    from kernels import dispatch
-    from model.qwen2 import build_model
-    from model.weights import model_args
-
     if cfg.parallel.cpu_offload:
         raise ConfigError("parallel.cpu_offload=true is not simulated: its state lives in host memory, not the GPU's")
     start = time.perf_counter()
@@ -252,25 +264,7 @@ def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int
         raise RuntimeError("engine.simulate starts its own (fake) process group: call it outside one")
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
-        mesh = build_mesh("cpu", world_size, cfg.parallel.dp_replicate)
-        model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights, as train.py
-        parallelize(model, mesh, cfg.parallel, param_dtype=dtype)
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, dispatch.as_device("cuda"):
-            micro_batches = [replace(mb, **{k: mode.from_tensor(getattr(mb, k)) for k in MICRO_BATCH_TENSORS}) for mb in batch.micro_batches]
-            model.to_empty(device="cpu")
-            model.tie_weights()
-            optimizer = build_optimizer(model, cfg.optim, torch.device("cuda"))  # the GPU's choice of implementation
-            for p in model.parameters():  # the state of a steady step: created by a step on zero gradients
-                p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tracker = _step_tracker(model, optimizer)
-            counter = CollectiveBytes()
-            with tracker, counter:
-                train_step(model, micro_batches, max(batch.num_label_tokens, 1), torch.device("cpu"), cfg.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            peak = tracker.get_tracker_snapshot("peak")
+        peak, peak_place, collectives = _fake_step(cfg, args, world_size, batch, dtype)
     finally:
         dist.destroy_process_group()
     per_device = next(iter(peak.values()))
@@ -280,8 +274,8 @@ def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int
     attention = dispatch.attention_backend("cuda", dtype)
     plan = plan_memory(cfg, args, world_size, capacity_gib, path=ExecutionPath("cuda", "triton", attention))
     return Simulation(
-        peak_gib=peak_bytes / GIB, planned_gib=tensor_gib(plan), breakdown=breakdown, peak_module=tracker.peak_place,
-        collectives=dict(counter.bytes), world_size=world_size, num_layers=args.num_layers, seconds=time.perf_counter() - start,
+        peak_gib=peak_bytes / GIB, planned_gib=tensor_gib(plan), breakdown=breakdown, peak_module=peak_place,
+        collectives=collectives, world_size=world_size, num_layers=args.num_layers, seconds=time.perf_counter() - start,
         micro_batches=[len(mb) for mb in batch.micro_batches], plan=asdict(plan),
     )  # fmt: skip
 
@@ -309,8 +303,6 @@ def report(sim: Simulation) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m engine.simulate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", required=True)
