@@ -1,1 +1,2 @@
-"""Micro-benchmarks and the regression profiler."""
+"""Performance: micro-benchmarks, the training step, the sampler, the CI regression profile and
+the LIMO projection. Scripts share helpers through harness.py alone."""

@@ -16,7 +16,7 @@ data/packing.py) lay out every step's micro-batches on every rank. Then, with P 
     t(mb)     = 64 * F_layer(mb) / R_layer + F_head(mb) / R_head
     compute_i = max over ranks of t(micro-batch i)           (ranks meet at every layer's collectives)
     comm      = (2 * 2 B + 4 B) * P * 7/8 / NVLink GB/s      (bf16 all-gather in forward and again in
-                backward, fp32 reduce-scatter, every micro-batch: FSDP2 as engine/parallel.py sets it up)
+                backward, fp32 reduce-scatter, every micro-batch: FSDP2 as engine/sharding.py sets it up)
     step      = sum_i max(compute_i, comm)  [overlapped]  or  sum_i (compute_i + comm)  [not overlapped]
                 + optimizer_ms_per_gparam * P / 8             (each GPU updates its shard)
     total     = sum over the 390 steps

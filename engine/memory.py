@@ -3,14 +3,17 @@
     python -m engine.memory --config FILE [--world-size 8] [--device cuda|cpu] [--capacity-gib G] [--json] [--section.key=value ...]
 
 The model follows one optimizer step of the FSDP2 plan (engine/sharding.py) on one rank and
-takes the larger of its three high-water marks:
+takes the largest of its high-water marks:
   head forward / backward: every layer's saved activations are alive, the head's weight is
             gathered, and the fused cross-entropy holds its logits chunk (forward) or its fp32
             gradients next to their casts (end of backward);
-  recompute: the backward of the last checkpointed layer: its activations are recomputed next to
-            the saved ones, with the gathered block, the prefetched one and the gradient buffers
-            of the reduce-scatters in flight.
-Static state (sharded fp32 master weights and gradients, AdamW moments) is there at both.
+  layer L-1 / L-2 backward: a layer's activations, recomputed from its kept input when
+            checkpointed, next to what the layers before it keep, with the gathered block and the
+            block gradients in flight (unsharded in the first; from the second on, the previous
+            layer's fp32 reduce-scatter input);
+  optimizer step (bf16 moments): the fp32 copies of the largest shard's two moments.
+Static state (sharded fp32 master weights and gradients, AdamW moments) is there at each.
+engine/simulate.py holds the plan to the step run on fake tensors at full size.
 
 It plans the path a run takes (`ExecutionPath`): CUDA or CPU, the Triton kernels or their torch
 twins, flash / torch varlen / per-sample SDPA attention. Those change what a layer saves for
