@@ -116,6 +116,7 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
     from pathlib import Path
 
     from eval.sampler import LLM, SamplingParams
+    from eval.sampler.scheduler import WATERMARK
     from kernels.paged_attention import paged_attention
     from model.qwen2 import PRESETS, build_model
     from model.weights import save_pretrained
@@ -130,15 +131,26 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
             init_weights(model)
             save_pretrained(model, Path(tmp), dtype=torch.float32)
             longest = max(contexts) + new_tokens + 16
-            llm = LLM(tmp, dtype="float32", device="cpu", num_blocks=batch * -(-longest // 16) + batch, max_num_seqs=batch,
+            pages = batch * -(-longest // 16)  # every sequence's pages at once, and the scheduler's watermark above them
+            llm = LLM(tmp, dtype="float32", device="cpu", num_blocks=int(pages / (1 - WATERMARK)) + batch, max_num_seqs=batch,
                       max_model_len=longest)  # fmt: skip
-        forward: list[float] = []
-        _timed(llm.runner, "decode", forward, time.thread_time)
+        decode, forward = llm.runner.decode, []
+
+        def timed_decode(seqs):  # a step's time, if the whole batch ran in it
+            start = time.thread_time()
+            out = decode(seqs)
+            if len(seqs) == batch:
+                forward.append(time.thread_time() - start)
+            return out
+
+        llm.runner.decode = timed_decode
         rows = []
         for context in contexts:
             forward.clear()
             ids = torch.randint(0, args.vocab_size, (batch, context), generator=torch.Generator().manual_seed(context)).tolist()
             llm.generate(ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True), use_tqdm=False)
+            if not forward:
+                raise RuntimeError(f"no decode step at context {context} ran all {batch} sequences at once")
             k_cache, v_cache = llm.runner.kv_cache[0, 0], llm.runner.kv_cache[1, 0]
             pages = -(-context // 16)
             tables = torch.arange(batch * pages, dtype=torch.int32).view(batch, pages) % k_cache.shape[0]
@@ -147,7 +159,7 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
             start = time.thread_time()
             for _ in range(args.num_layers):
                 paged_attention(q, k_cache, v_cache, tables, lens, context)
-            rows.append({"context": context, "batch": batch, "ms_per_step": 1e3 * statistics.fmean(forward),
+            rows.append({"context": context, "batch": batch, "ms_per_step": 1e3 * statistics.median(forward),
                          "attention_ms_per_step": 1e3 * (time.thread_time() - start)})  # fmt: skip
         return rows
     finally:
@@ -172,7 +184,8 @@ def main(args) -> int:
         rows = context_steps(args.contexts)
         for r in rows:
             print(f"context {r['context']:>6}: {r['ms_per_step']:8.1f} ms per decode step at batch {r['batch']} "
-                  f"({r['attention_ms_per_step']:.1f} ms of it paged attention)")
+                  f"({1024 * r['ms_per_step'] / r['context']:5.1f} ms per 1k tokens of context; "
+                  f"{r['attention_ms_per_step']:.1f} ms of it paged attention)")
     if args.out:
         payload = {"bench": "sampler_host" if args.host else "sampler_contexts", "environment": environment(device), "rows": rows}
         args.out.write_text(json.dumps(payload, indent=1))

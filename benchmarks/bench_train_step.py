@@ -180,22 +180,22 @@ def train_step(model, optimizer, batches: list[MicroBatch], divisor: int, max_gr
     return loss_value, norm_value
 
 
-def _run(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[MicroBatch]) -> dict:
+def _run(sweep: Sweep, config: StepConfig, world: Distributed, batches: list[MicroBatch]) -> dict:
     cfg = recipe_config(sweep, config)
     args = replace(sweep.args, num_layers=config.layers)
     torch.manual_seed(0)
-    model, optimizer = build_training(cfg, args, d)  # as train.py builds it: fp32 master weights, the FSDP2 plan, filled on the device
+    model, optimizer = build_training(cfg, args, world)  # as train.py builds it: fp32 master weights, the FSDP2 plan, filled on the device
     model.train()
     divisor = sum(mb.num_label_tokens for mb in batches)
-    first = train_step(model, optimizer, batches, divisor, cfg.train.max_grad_norm, d.device, Marks(d.device))
+    first = train_step(model, optimizer, batches, divisor, cfg.train.max_grad_norm, world.device, Marks(world.device))
     for _ in range(sweep.warmup - 1):
-        train_step(model, optimizer, batches, divisor, cfg.train.max_grad_norm, d.device, Marks(d.device))
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(d.device)
+        train_step(model, optimizer, batches, divisor, cfg.train.max_grad_norm, world.device, Marks(world.device))
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(world.device)
     phases = []
     for _ in range(sweep.steps):
-        marks = Marks(d.device)
-        last = train_step(model, optimizer, batches, divisor, cfg.train.max_grad_norm, d.device, marks)
+        marks = Marks(world.device)
+        last = train_step(model, optimizer, batches, divisor, cfg.train.max_grad_norm, world.device, marks)
         phases.append(marks.intervals_ms())
     out = {
         "fwd_bwd_ms": statistics.median(p[0] for p in phases),
@@ -203,13 +203,13 @@ def _run(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[MicroBa
         "step_ms": statistics.median(sum(p) for p in phases),
         "first_loss": first[0], "last_loss": last[0], "last_grad_norm": last[1],
     }  # fmt: skip
-    if d.device.type == "cuda":
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(d.device) / GIB
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(d.device) / GIB
+    if world.device.type == "cuda":
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(world.device) / GIB
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(world.device) / GIB
     return out
 
 
-def run_config(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[MicroBatch], ceilings: dict, log=print) -> Record:
+def run_config(sweep: Sweep, config: StepConfig, world: Distributed, batches: list[MicroBatch], ceilings: dict, log=print) -> Record:
     """One config measured, or recorded as unavailable / oom / error: never raises."""
     args = replace(sweep.args, num_layers=config.layers)
     seqlens = [int(n) for mb in batches for n in mb.cu_seqlens.diff().tolist()]  # host data: no device sync
@@ -217,13 +217,13 @@ def run_config(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[M
     flops = step_flops(args, seqlens)
     case = {**asdict(config), "tokens": sweep.tokens, "micro_batches": len(batches)}
     rec = Record("train_step", case, "step", config.kernels, work={"bytes": 0, "flops": flops, "bound": "compute"})
-    capacity = torch.cuda.get_device_properties(d.device).total_memory / GIB if d.device.type == "cuda" else H100_80GB_GIB
+    capacity = torch.cuda.get_device_properties(world.device).total_memory / GIB if world.device.type == "cuda" else H100_80GB_GIB
     memory_plan = plan_memory(recipe_config(sweep, config), args, 1, capacity)
     extra = {"name": config.name, "tokens_per_step": tokens, "plan_peak_gib": memory_plan.peak_gib, "plan_fits": memory_plan.fits,
              "plan_moment": memory_plan.moment}  # fmt: skip
     try:
-        with kernel_choice(config.kernels, d.device):
-            extra.update(_run(sweep, config, d, batches))
+        with kernel_choice(config.kernels, world.device):
+            extra.update(_run(sweep, config, world, batches))
     except Unavailable as e:
         rec.status = f"unavailable: {e}"
     except torch.OutOfMemoryError as e:
@@ -233,14 +233,14 @@ def run_config(sweep: Sweep, config: StepConfig, d: Distributed, batches: list[M
         log(traceback.format_exc())
     torch._dynamo.reset()
     gc.collect()  # the failed config's model and optimizer, now that the exception is gone
-    if d.device.type == "cuda":
+    if world.device.type == "cuda":
         torch.cuda.empty_cache()
     if rec.status == "ok":
         rec.median_ms = extra["step_ms"]
         rec.tflops = flops / rec.median_ms / 1e9
         rec.fraction_of_ceiling = rec.tflops / ceilings["matmul_tflops"]
         step_s = rec.median_ms / 1e3
-        peak = peak_flops(d.device)
+        peak = peak_flops(world.device)
         extra["tokens_per_s"] = tokens / step_s
         extra["mfu"] = flops / step_s / peak if peak else None
         extra["mfu_torchtitan"] = step_flops_torchtitan(args, tokens, sweep.tokens) / step_s / peak if peak else None
@@ -330,25 +330,25 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise SystemExit("bench_train_step runs on one device (a world of one); run it without torchrun")
 
-    d = init_distributed(args.device, 1)
+    world = init_distributed(args.device, 1)
     try:
         batches = micro_batches(sweep.args.vocab_size, sweep.tokens, sweep.micro_batches, args.seed)
-        if d.device.type == "cuda":
+        if world.device.type == "cuda":
             batches = [mb.pin_memory() for mb in batches]
         seqlens = [int(n) for mb in batches for n in mb.cu_seqlens.diff().tolist()]  # host data: no device sync
         header = {
             "schema": SCHEMA, "bench": "train_step", "sweep": args.sweep,
             "command": "python -m benchmarks.bench_train_step " + " ".join(sys.argv[1:] if argv is None else argv),
-            "environment": environment(d.device), "ceilings": measure_ceilings(d.device), "peak_flops": peak_flops(d.device),
+            "environment": environment(world.device), "ceilings": measure_ceilings(world.device), "peak_flops": peak_flops(world.device),
             "model": {k: v for k, v in asdict(sweep.args).items() if k not in ("num_layers", "bos_token_id", "eos_token_id")},
             "dtype": sweep.dtype, "warmup_steps": sweep.warmup, "timed_steps": sweep.steps,
             "micro_batches": [{"tokens": len(mb), "seqlens": mb.cu_seqlens.diff().tolist()} for mb in batches],
         }  # fmt: skip
-        if d.device.type == "cuda":
+        if world.device.type == "cuda":
             torch.cuda.empty_cache()  # the ceilings' buffers
         records = []
         for config in configs:
-            rec = run_config(sweep, config, d, batches, header["ceilings"], log=lambda line: print(line, file=sys.stderr, flush=True))
+            rec = run_config(sweep, config, world, batches, header["ceilings"], log=lambda line: print(line, file=sys.stderr, flush=True))
             print(_row(rec), file=sys.stderr, flush=True)
             records.append(rec)
         header["fits"] = fit_layers(records, sweep.args, seqlens, header["peak_flops"])

@@ -28,7 +28,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from curate.records import mark_removed
-from eval.grading import extract_answer, is_equivalent
+from eval.grading import grade
 
 TRAITS = ("elaborated", "self_verification", "exploratory", "granularity")
 DEFAULT_WEIGHTS = {"elaborated": 0.30, "self_verification": 0.20, "exploratory": 0.25, "granularity": 0.25}
@@ -79,8 +79,8 @@ def percentiles(values: list[float]) -> list[float]:
 
 
 def _right(e: dict) -> tuple[str | None, bool]:
-    pred = extract_answer(e["chain"])
-    return pred, bool(e["answer"]) and is_equivalent(pred, e["answer"])
+    """(the chain's extracted answer, whether it is the record's): a record without one has no right chain."""
+    return grade(e["chain"], [e["answer"]] if e["answer"] not in (None, "") else [])
 
 
 def score_chains(pool: list[dict], weights: dict[str, float] = DEFAULT_WEIGHTS, threads: int = os.cpu_count() or 2

@@ -47,7 +47,7 @@ H100_80GB_GIB = 81559 * 2**20 / GIB  # 79.6 GiB as nvidia-smi reports the 80 GB 
 RUNTIME_RESERVED_GIB = 2.5  # CUDA context + cuBLAS workspaces + NCCL buffers (outside the allocator)
 FRAGMENTATION = 0.05  # CUDA caching allocator
 # glibc keeps freed mid-size blocks in its heap, so a CPU process's RSS runs above its live tensors
-# (measured by tests/test_memory_cpu.py's runs: 8-14% over the tensors the plan counts).
+# (measured by the 152k-vocabulary CPU runs of tests/test_memory.py: 8-14% over the tensors the plan counts).
 CPU_ALLOCATOR_SLACK = 0.10
 # What `python -m engine.memory --device cpu` assumes a training process holds before its model
 # exists (measured here: Python, torch, transformers, a Qwen tokenizer and a small dataset: 0.41-0.42
@@ -245,9 +245,11 @@ def _loss_head_moments(s: _Sizes, path: ExecutionPath) -> dict[str, dict[str, fl
 def _layer_backward_moments(s: _Sizes, cfg: Config) -> dict[str, dict[str, float]]:
     """A layer's backward, for the last two layers (the first two in backward order): what the
     layers before it keep, its own saved activations (recomputed from its kept input, when
-    checkpointed), the MLP's gradients in flight and its gathered weights. Its weight gradients
-    are in flight too: in the first layer, its own unsharded ones; from the second on, with more
-    than one shard, the previous layer's in their fp32 reduce-scatter input instead."""
+    checkpointed), the MLP's gradients in flight and its gathered weights. Weight gradients are
+    in flight too: in the first layer, its MLP's, unsharded (its attention's come after the MLP's
+    temporaries are freed: counting the whole block's had over-planned the small shapes of
+    tests/test_simulate.py by up to 5.3%); from the second on, with more than one shard, the previous layer's
+    whole block in its fp32 reduce-scatter input."""
     L = len(s.kept)
     mlp_grads = 3 * s.T * s.I * s.cb + 2 * s.T * s.H * s.cb  # d(product), d(gate), d(up); dh in and out
     gathered_blocks = s.n_block * s.cb if cfg.parallel.reshard_after_forward else L * s.n_block * s.cb  # ZeRO-2 keeps every block gathered
@@ -258,7 +260,7 @@ def _layer_backward_moments(s: _Sizes, cfg: Config) -> dict[str, dict[str, float
             "gathered block": gathered_blocks,
             "saved activations": sum(s.kept[:j]) + (0 if s.checkpointed[j] else s.kept[j]),
             "recomputed layer + its gradients": (s.per_layer if s.checkpointed[j] else 0) + mlp_grads,
-            "block gradients in flight": s.n_block * 4 if s.shard > 1 and j < L - 1 else s.n_block * s.cb,
+            "block gradients in flight": s.n_block * 4 if s.shard > 1 and j < L - 1 else 3 * s.H * s.I * s.cb,
         }
     return moments
 
@@ -307,15 +309,18 @@ class PeakProbe:
 
     CUDA: the caching allocator's peak of allocated bytes. CPU: the resident set's high-water
     mark (VmHWM), reset here through /proc/self/clear_refs, so the peak is the training's and not
-    an earlier one's; the resident set at the reset is the process's baseline.
+    an earlier one's; the resident set at the reset is the process's baseline, and the mark before
+    it (loading the data and the tokenizer) is kept as `startup_peak_gib`.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.startup_peak_gib: float | None = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             self.baseline_gib = torch.cuda.memory_allocated(device) / GIB
             return
+        self.startup_peak_gib = host_rss_gib(peak=True)
         try:
             Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
         except OSError:  # not Linux: the peak then counts from the process's start
@@ -339,7 +344,7 @@ def record_peaks(path: str | os.PathLike, plan: MemoryPlan, probe: PeakProbe, ra
     (`growth`); on a GPU, from an empty allocator. Every rank must call it (an all-gather)."""
     import torch.distributed as dist
 
-    mine = {"rank": rank, "baseline_gib": probe.baseline_gib, "peak_gib": probe.peak_gib()}
+    mine = {"rank": rank, "startup_peak_gib": probe.startup_peak_gib, "baseline_gib": probe.baseline_gib, "peak_gib": probe.peak_gib()}
     ranks = [mine]
     if dist.is_initialized() and world_size > 1:
         ranks = [None] * world_size

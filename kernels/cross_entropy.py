@@ -187,8 +187,8 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ig
         )
     if reduction not in ("sum", "mean"):
         raise ValueError(f"fused_linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
-    if not z_loss >= 0.0:
-        raise ValueError(f"fused_linear_cross_entropy: z_loss must be >= 0, got {z_loss}")
+    if not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"fused_linear_cross_entropy: z_loss must be finite and >= 0, got {z_loss}")
     if weight.device != hidden.device or targets.device != hidden.device:
         raise ValueError(f"fused_linear_cross_entropy: hidden {hidden.device}, weight {weight.device}, targets {targets.device} differ")
     if backend not in BACKENDS:

@@ -133,9 +133,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Dense softmax attention of q [B, Hq, D] over each sequence's first context_lens[b] cached tokens.
 
-    Gathers every page of the block table into a dense [B, pages * block_size, Hkv, D] copy (the
-    CPU sampler's decode path: each step reads every live K/V byte a few times, so its time grows
-    linearly with the context). Positions past a context are zeroed in the copy and masked, whatever
+    Gathers every page of the block table into a dense [B, pages * block_size, Hkv, D] copy: the
+    tests' ground truth (the CPU path, kernels.paged_attention.paged_attention_torch, does the same
+    a cache-sized group of sequences at a time). Positions past a context are zeroed in the copy and masked, whatever
     they held (an uninitialised cache, NaN included: a NaN score survives an additive mask, and
     0 * NaN would reach the output). An empty context gives zeros. Returns q's dtype.
     """

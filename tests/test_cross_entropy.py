@@ -244,8 +244,9 @@ def test_contract_errors_name_the_tensor():
         fused_linear_cross_entropy(hidden, weight.double(), targets)
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'none'"):
         fused_linear_cross_entropy(hidden, weight, targets, reduction="none")
-    with pytest.raises(ValueError, match="z_loss must be >= 0"):
-        fused_linear_cross_entropy(hidden, weight, targets, z_loss=-1.0)
+    for z_loss in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"z_loss must be finite and >= 0, got {z_loss}"):
+            fused_linear_cross_entropy(hidden, weight, targets, z_loss=z_loss)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

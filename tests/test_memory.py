@@ -152,5 +152,5 @@ def test_a_152k_vocab_cpu_run_stays_small_and_the_plan_holds(qwen_vocab_folder, 
     assert report["plan"]["path"] == {"device": "cpu", "kernels": "torch", "attention": "reference"}
     assert len(report["measured"]) == nproc
     for rank in report["measured"]:
-        assert rank["peak_gib"] < 3.0, rank
+        assert rank["peak_gib"] < 3.0 and rank["startup_peak_gib"] < 3.0, rank  # the training's peak, and the data's before it
         assert abs(rank["growth_gib"] / report["plan"]["growth_gib"] - 1) <= 0.25, (rank, report["plan"]["growth_gib"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from kernels import paged_attention as pa
 from kernels import reference
 from tests.conftest import rel_err
@@ -85,6 +86,61 @@ def test_empty_context_gives_zeros():
         got = pa.paged_attention_triton(q, kc, vc, tables, cl, 9, 0.25, splits)
         assert torch.equal(got[0], torch.zeros_like(got[0]))
         assert rel_err(got[1], reference.paged_attention(q.double(), kc.double(), vc.double(), tables, cl, 0.25)[1]) < 2e-6
+
+
+@pytest.mark.parametrize("budget", [1, 40_000, pa.GROUP_BYTES], ids=["a-sequence-a-group", "groups-of-2-or-3", "one-group"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_torch_path_matches_float64_reference(name, budget):
+    """The CPU path without Triton: groups of sequences (a ragged last one included), NaN in every
+    page a sequence does not own, and in float64 the reference's own values."""
+    Hq, Hkv, D, page, lens, _ = CASES[name]
+    q, kc, vc, tables, cl = (t.cpu() for t in _paged_case(Hq, Hkv, D, page, lens + [0], torch.float32, seed=7))
+    want = reference.paged_attention(q.double(), kc.double(), vc.double(), tables, cl)
+    got = pa.paged_attention_torch(q, kc, vc, tables, cl, D**-0.5, budget)
+    assert got.dtype == torch.float32 and not got.isnan().any()
+    assert rel_err(got, want) < 2e-6 and torch.equal(got[-1], torch.zeros_like(got[-1]))  # the empty context: zeros
+    exact = pa.paged_attention_torch(q.double(), kc.double(), vc.double(), tables, cl, D**-0.5, budget)
+    assert rel_err(exact, want) < 1e-13
+
+
+def test_torch_path_bf16_error_within_torch_bf16_error():
+    Hq, Hkv, D, page, lens = 10, 2, 128, 16, [300, 37, 1]
+    q, kc, vc, tables, cl = (t.cpu() for t in _paged_case(Hq, Hkv, D, page, lens, torch.bfloat16, seed=8))
+    want = reference.paged_attention(q.double(), kc.double(), vc.double(), tables, cl)
+    got = pa.paged_attention_torch(q, kc, vc, tables, cl, D**-0.5, budget_bytes=1)
+    kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    dense = []
+    for b, n in enumerate(lens):  # torch's own bf16 attention over the same K/V
+        k = kc[tables[b].long()].flatten(0, 1)[:n].transpose(0, 1)
+        v = vc[tables[b].long()].flatten(0, 1)[:n].transpose(0, 1)
+        dense.append(F.scaled_dot_product_attention(q[b][:, None], k, v, enable_gqa=True)[:, 0])
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) <= 1.05 * rel_err(torch.stack(dense), want)
+
+
+def test_torch_path_groups_fit_the_budget():
+    """A group's gathered K and V fit GROUP_BYTES (at least one sequence): the CPU path's memory
+    is one group's, whatever the batch, where the dense reference held the whole batch's."""
+    row = 2 * 32 * 4  # the demo model's Hkv x D in float32
+    assert pa.group_size(64, 1024, row) == 2**21 // (2 * 1024 * row) == 4
+    assert pa.group_size(64, 8192, row) == 1 and pa.group_size(3, 16, row) == 3
+    for batch, width in [(256, 32768), (64, 4096), (7, 100)]:
+        g = pa.group_size(batch, width, 4 * 128 * 4)
+        assert 1 <= g <= batch and (g == 1 or 2 * g * width * 4 * 128 * 4 <= pa.GROUP_BYTES)
+
+
+def test_torch_backend_takes_the_grouped_path(monkeypatch):
+    kernels.set_backend("torch")
+    try:
+        q, kc, vc, tables, cl = (t.cpu() for t in _paged_case(4, 2, 16, 8, [5, 20], torch.float32, seed=9))
+        monkeypatch.setattr(reference, "paged_attention", lambda *a, **k: pytest.fail("the dense reference ran on the CPU path"))
+        calls = []
+        real = pa.paged_attention_torch
+        monkeypatch.setattr(pa, "paged_attention_torch", lambda *a: calls.append(1) or real(*a))
+        pa.paged_attention(q, kc, vc, tables, cl, 20)
+        assert calls
+    finally:
+        kernels.set_backend("auto")
 
 
 def test_split_plan_covers_context():

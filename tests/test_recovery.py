@@ -110,3 +110,20 @@ def test_a_resume_with_another_lr_is_refused_unless_overridden_and_then_trains_o
     assert [r["lr"] for r in ours[4:]] == pytest.approx([r["lr"] / 3 for r in theirs[4:]], rel=1e-12)  # same schedule, new peak
     assert ours[5]["loss"] != theirs[5]["loss"]
     assert json.loads((root / "step-00000008" / "train_state.json").read_text())["settings"]["optim.lr"] == 1e-3
+
+
+def test_a_fallback_to_a_checkpoint_made_with_other_settings_exits_2(references, tmp_path):
+    """The preflight reads the newest train state without verifying it; when that checkpoint then
+    fails verification and the one resumed from was made with another lr, the refusal is still one
+    line and exit code 2, not a traceback from inside the process group."""
+    reference = references(1)
+    out = tmp_path / "run"
+    root = _copy(reference, out, keep_to=5)
+    state_file = root / "step-00000005" / "train_state.json"
+    state = json.loads(state_file.read_text())
+    state["settings"]["optim.lr"] = 1e-3  # what the preflight sees; the manifest no longer verifies
+    state_file.write_text(json.dumps(state))
+    refused = _train_py(out, "--optim.lr=1e-3")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"set aside as {root}/set-aside/step-00000005." in refused.stderr
+    assert f"error: {root}/step-00000004 was made with other optimizer/schedule settings (optim.lr: 0.003 there, 0.001 here)" in refused.stderr
