@@ -30,6 +30,12 @@ the code that a careless change moves:
                              two micro-batches on CPU, outside kernels/reference.py (CPU-only); the
                              JSON lists each site. Expected: the step's one read of (loss, grad
                              norm), plus the fused CE's target-range check, which runs on CPU only
+  curate_20k_dedup_decontaminate_s  wall seconds of `python -m curate --steps dedup,decontaminate`
+                             on benchmarks/bench_curate.py's seeded 20,000-record pool: the goal,
+                             at most 2 minutes on 2 cores (measured ~14 s)
+  grading_verdicts_per_s     eval.grading.grade over the 2,845 real outputs of ../shared, warm
+                             workers (measured 1,450-2,100 on 2 cores, aim 2,000): fails below
+                             1,000, which the grader before its cheap checks and screen (~200) is
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import kernels  # noqa: E402
 import kernels.cross_entropy as ce  # noqa: E402
+from benchmarks.bench_curate import grading_speed, time_curation  # noqa: E402
 from benchmarks.bench_sampler_cpu import host_step  # noqa: E402
 from benchmarks.harness import LIMO_RECIPE  # noqa: E402
 from data.dataset import EncodedSample  # noqa: E402
@@ -310,6 +317,8 @@ def measure() -> dict:
     figures["host_syncs_per_step"] = syncs
     figures["sampler_host_us_per_step_b256"] = host_step(256)["host_us_per_step"]
     figures.update(limo_32b_figures())
+    figures["curate_20k_dedup_decontaminate_s"] = time_curation(20_000)["wall_s"]
+    figures["grading_verdicts_per_s"] = grading_speed()["verdicts_per_s"]
     return {"figures": figures, "host_sync_sites": where}
 
 

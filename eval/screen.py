@@ -6,11 +6,15 @@ to say so. This module evaluates a small, unambiguous subset of LaTeX arithmetic
 at a few fixed positive points for the variables, and calls two leaves different only when their
 values are far apart at some point: further than every tolerance a later check applies (math-verify
 rounds decimals to 6 places, our protocol allows a relative 1e-4). Anything outside the subset,
-past a double's range or not real is left to sympy (`None`), so a verdict never changes, it only
-comes sooner.
+or not real is left to sympy (`None`), so a verdict never changes, it only comes sooner. Two
+extensions keep the commonest slow cases off sympy: a leaf of numbers alone that a double cannot
+hold (`2^{2022}`) is evaluated exactly, in rationals; and `i` is the imaginary unit (complex
+values): two rational expressions that differ at i = sqrt(-1) differ as expressions in a symbol
+`i` too, so the verdict is sympy's whichever way it reads `i` (`1 + 264i` against `1 + 274i`
+took sympy 0.27 s).
 
-The subset: numbers, one-letter variables, subscripted or not (not e, i, j, E, I: constants to
-sympy, or meant as ones),
+The subset: numbers, one-letter variables, subscripted or not (not e, j, E, I: constants to
+sympy, or meant as ones; i only as above),
 lowercase Greek variables, `\pi`, + and -, `\cdot`, `\times`, `*` and `/`, juxtaposition (which
 binds tighter than `/`, as in latex2sympy: `1/2n` is `1/(2n)`), `\frac{}{}`, `\sqrt{}`,
 `\sqrt[n]{}`, `^` with a braced, one-digit or one-letter exponent, floors and ceilings, and (),
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 # Far enough apart that no later check can call them equal (see the module docstring).
 REL_GAP = 1e-3
@@ -37,6 +42,7 @@ _CLOSERS = {"(": ")", "[": "]", "{": "}", "\\lfloor": "\\rfloor", "\\lceil": "\\
 _ENDS = ("+", "-", "*", "/", "\\cdot", "\\times", ")", "]", "}", "\\rfloor", "\\rceil", "^")
 _MAX_EXPONENT = 4096.0
 _TINY = 1e-250  # below this a float result may have lost a factor to underflow: not evidence
+_MAX_EXACT_BITS = 1 << 16  # an exact power's size bound: 2^{2022} is evaluated, 10^{10^{10}} is not
 
 
 class _Unsupported(Exception):
@@ -67,8 +73,8 @@ class _Evaluator:
     """Recursive descent, loosest first: sum -> product (* and /) -> signed -> juxtaposition ->
     power -> atom; one value per call."""
 
-    def __init__(self, tokens: list[str], values: dict[str, float]):
-        self.tokens, self.i, self.values = tokens, 0, values
+    def __init__(self, tokens: list[str], values: dict[str, float | complex], exact: bool = False):
+        self.tokens, self.i, self.values, self.exact = tokens, 0, values, exact
 
     def peek(self) -> str | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -128,8 +134,16 @@ class _Evaluator:
             exponent = self.atom()
         else:
             raise _Unsupported("exponent")
+        if isinstance(base, complex) or isinstance(exponent, complex):
+            if isinstance(exponent, complex) or not float(exponent).is_integer() or abs(exponent) > 64:
+                raise _Unsupported("complex power")  # only small integer powers of a complex base
+            return base ** int(exponent)
         if abs(exponent) > _MAX_EXPONENT or (base < 0 and not float(exponent).is_integer()) or base == 0 >= exponent:
             raise _Unsupported("exponent range")
+        if self.exact:
+            if exponent.denominator != 1 or max(base.numerator.bit_length(), base.denominator.bit_length()) * abs(exponent) > _MAX_EXACT_BITS:
+                raise _Unsupported("exact power")
+            return base ** int(exponent)
         return _checked(base ** exponent, base)
 
     def group(self, left: str) -> float:
@@ -144,7 +158,9 @@ class _Evaluator:
             raise _Unsupported("end")
         if token[0].isdigit() or token[0] == ".":
             self.take()
-            return float(token)
+            return Fraction(token) if self.exact else float(token)
+        if self.exact and token not in ("(", "[", "{", "\\frac"):
+            raise _Unsupported(token)  # numbers and rational arithmetic only
         if token in self.values:
             self.take()
             if self.peek() == "(":
@@ -157,6 +173,8 @@ class _Evaluator:
             return self.group(token)
         if token in ("\\lfloor", "\\lceil"):
             value = self.group(token)
+            if isinstance(value, complex):
+                raise _Unsupported("floor of a complex value")
             return float(math.floor(value) if token == "\\lfloor" else math.ceil(value))
         if token == "\\frac":
             self.take()
@@ -172,20 +190,27 @@ class _Evaluator:
                 if index not in (2.0, 3.0, 4.0, 5.0):
                     raise _Unsupported("root index")
             radicand = self.group("{")
-            if radicand < 0:
+            if isinstance(radicand, complex) or radicand < 0:
                 raise _Unsupported("negative radicand")
             return radicand ** (1.0 / index)
         raise _Unsupported(token)
 
 
-def _value(tokens: list[str], values: dict[str, float]) -> float:
-    evaluator = _Evaluator(tokens, values)
+def _value(tokens: list[str], values: dict[str, float | complex], exact: bool = False) -> float | complex | Fraction:
+    evaluator = _Evaluator(tokens, values, exact)
     value = evaluator.sum()
     if evaluator.peek() is not None:
         raise _Unsupported(f"trailing {evaluator.peek()!r}")
-    if not math.isfinite(value) or (value != 0 and not 1e-250 < abs(value) < 1e250):
+    if not exact and (not math.isfinite(abs(value)) or (value != 0 and not 1e-250 < abs(value) < 1e250)):
         raise _Unsupported("range")
     return value
+
+
+def _far_apart(p, g) -> bool:
+    """Further apart than any later check's tolerance (exact for rationals, whatever their size)."""
+    if isinstance(p, Fraction):
+        return abs(p - g) > max(Fraction(REL_GAP) * max(abs(p), abs(g)), Fraction(ABS_GAP))
+    return abs(p - g) > max(REL_GAP * max(abs(p), abs(g)), ABS_GAP)
 
 
 def clearly_different(pred: str, gold: str) -> bool:
@@ -196,12 +221,19 @@ def clearly_different(pred: str, gold: str) -> bool:
     try:
         p_tokens, g_tokens = _tokens(pred), _tokens(gold)
         names = sorted({t for t in p_tokens + g_tokens if t[0].isalpha() or t[1:] in _GREEK})
-        if any(n[0].isalpha() and n[0] not in _LETTERS for n in names):
+        if any(n[0].isalpha() and n[0] not in _LETTERS and n != "i" for n in names):
             return False
+        if not names:
+            try:  # numbers alone: floats first (microseconds), exact rationals where a double cannot hold them
+                return _far_apart(_value(p_tokens, {}), _value(g_tokens, {}))
+            except (_Unsupported, OverflowError):
+                return _far_apart(_value(p_tokens, {}, exact=True), _value(g_tokens, {}, exact=True))
+        variables = [n for n in names if n != "i"]
         for point in _POINTS:
-            values = {n: point[k % len(point)] * (1 + k // len(point)) for k, n in enumerate(names)}
-            p, g = _value(p_tokens, values), _value(g_tokens, values)
-            if abs(p - g) > max(REL_GAP * max(abs(p), abs(g)), ABS_GAP):
+            values = {n: point[k % len(point)] * (1 + k // len(point)) for k, n in enumerate(variables)}
+            if "i" in names:
+                values["i"] = 1j
+            if _far_apart(_value(p_tokens, values), _value(g_tokens, values)):
                 return True
     except (_Unsupported, OverflowError, ZeroDivisionError, ValueError, RecursionError):
         return False

@@ -24,6 +24,10 @@ DIFFERENT = [
     (r"\frac{2 - 3\omega + \omega^{-1994}}{2(1 - \omega)(1 - \omega^2)}", r"\frac{1997}{2}"),  # sympy: past 5 s
     (r"\sqrt[3]{2} \cdot 3", "4"),
     ("0.3333", r"\frac{1}{3} + 0.01"),
+    ("2^{2022}", "-1"),                          # past a double: exact rationals
+    ("1 + 264i", "1+274i"),                      # i is the imaginary unit: complex values
+    (r"\frac{1+265i}{1+263i}", "1+274i"),
+    (r"-\frac{11}{5}-\frac{2}{5}i", "1+2i"),
 ]
 
 NOT_SHOWN_DIFFERENT = [
@@ -31,11 +35,17 @@ NOT_SHOWN_DIFFERENT = [
     ("1/2n", r"\frac{1}{2n}"),
     ("0.33333", r"\frac{1}{3}"),                 # within the protocol's tolerance: sympy decides
     ("0.1234561", "0.1234569"),                  # math-verify rounds decimals to 6 places
-    ("i^2", "-1"),                               # i, e, j, E, I: left to sympy
+    ("i^2", "-1"),                               # equal at i = sqrt(-1): sympy decides
+    ("1+2i", "2i+1"),
+    (r"\sqrt{i}", "1"),                          # no roots, floors or non-integer powers of complex values
+    (r"\lfloor i \rfloor", "0"),
+    ("i_1 + 1", "2"),                            # a subscripted i is a variable the screen leaves alone
+    ("e^{2}", "8"),                              # e, j, E, I: left to sympy
     (r"e^{2}", "7.389"),
     ("f(x)", "5"),                               # function or product: the parser's choice
     ("2 3", "6"),                                # latex2sympy reads `2 3` as 5
-    ("2^{2022}", "-1"),                          # past a double
+    ("2^{2022}", "2^{2022}+1"),                  # exact, but within the relative tolerance
+    ("10^{10^{10}}", "1"),                       # past the exact evaluation's size bound
     (r"x^{-2000} + 1", "1"),                     # an underflowed term is no evidence
     (r"\log 2", "1"),                            # functions are not in the subset
     ("5!", "120"),
