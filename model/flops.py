@@ -4,6 +4,7 @@ benchmarks all use (ANCHORS.md's, causal-aware).
 A training step over samples of lengths L_i costs
     linear * sum(L_i) + quadratic * sum(L_i^2),
     linear    = 6 x (parameters - embedding): forward and backward of every matmul, the head included
+                (a tied head too: its matmul costs the same)
     quadratic = 6 x layers x heads x head_dim: causal attention, half the scores of each sample
 A forward alone (a prefill) is a third of that. torchtitan's count, reported beside ours for
 comparisons, charges every token the whole context, non-causally.
@@ -18,8 +19,11 @@ from model.qwen2 import ModelArgs
 
 
 def flop_coefficients(args: ModelArgs) -> tuple[float, float]:
-    """(linear, quadratic): a training step over one sample of length L costs linear * L + quadratic * L^2."""
-    return 6.0 * args.num_params(embeddings=False), 6.0 * args.num_layers * args.num_heads * args.head_dim
+    """(linear, quadratic): a training step over one sample of length L costs linear * L + quadratic * L^2.
+    A tied head is the embedding's matrix, which num_params(embeddings=False) leaves out, but its
+    matmul costs what an untied one does."""
+    tied_head = args.vocab_size * args.hidden_size if args.tie_word_embeddings else 0
+    return 6.0 * (args.num_params(embeddings=False) + tied_head), 6.0 * args.num_layers * args.num_heads * args.head_dim
 
 
 def step_flops(args: ModelArgs, seqlens: list[int]) -> float:

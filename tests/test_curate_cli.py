@@ -155,3 +155,8 @@ def test_difficulty_resumes_after_a_kill(tiny_model, tmp_path):
     rated = _rows(tmp_path / "whole" / "steps" / "difficulty" / "kept.jsonl")
     assert [e["uid"].rsplit(":", 1)[1] for e in rated] == ["1", "2", "3", "4", "5"]  # band 0,1 keeps every rated problem
     assert all(e["pass_rate"] in (0.0, 0.5, 1.0) for e in rated)
+
+
+def test_the_old_name_points_to_the_command():
+    proc = subprocess.run([sys.executable, "-m", "data.curate", "--pool", "x.jsonl"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "curation is `python -m curate` (the same options" in proc.stderr
