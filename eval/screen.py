@@ -63,7 +63,10 @@ def _tokens(text: str) -> list[str]:
 
 
 def _checked(value: float, *factors: float) -> float:
-    """A product or power that underflowed (nonzero factors, a result near 0) proves nothing."""
+    """A product or power that underflowed (nonzero factors, a result near 0) proves nothing.
+    Exact rationals never underflow."""
+    if isinstance(value, Fraction):
+        return value
     if value == 0 and all(f != 0 for f in factors) or 0 < abs(value) < _TINY:
         raise _Unsupported("underflow")
     return value
