@@ -50,6 +50,7 @@ class ScaleRow:
     minutes_overlapped: float
     minutes_serial: float
     idle_rank_fraction: float  # rank-passes that hold no sample (a global batch of 32 on more than 32 GPUs)
+    simulated_s: float | None = None  # the simulation's own CPU wall time (None: given, not run)
 
     @property
     def hidden(self) -> bool:
@@ -66,7 +67,7 @@ def scale_row(nodes: int, flops_per_s: float, nvlink_gbps: float, ib_gbps: float
     if simulation is None:
         sim = simulate(cfg, gpus)
         simulation = {"peak_gib": sim.peak_gib, "planned_total_gib": sim.plan["peak_gib"], "collectives": sim.collectives,
-                      "micro_batches": sim.micro_batches}  # fmt: skip
+                      "micro_batches": sim.micro_batches, "seconds": sim.seconds}  # fmt: skip
     passes = len(simulation["micro_batches"])
     moved = simulation["collectives"]
     gather_scatter = (moved.get("all_gather", 0) + moved.get("reduce_scatter", 0)) / passes
@@ -94,6 +95,7 @@ def scale_row(nodes: int, flops_per_s: float, nvlink_gbps: float, ib_gbps: float
         gather_scatter_gb_per_pass=gather_scatter / 1e9, all_reduce_gb_per_pass=all_reduce / 1e9,
         passes_per_step=pass_count / steps, compute_s_per_pass=compute_total / pass_count, nvlink_s_per_pass=nvlink,
         ib_s_per_pass=ib, minutes_overlapped=overlapped / 60, minutes_serial=serial / 60, idle_rank_fraction=idle / ranks_times_passes,
+        simulated_s=simulation.get("seconds"),
     )  # fmt: skip
 
 
@@ -102,14 +104,14 @@ def report(rows: list[ScaleRow], rate: str, nvlink_gbps: float, ib_gbps: float) 
         f"LIMO recipe (Qwen2.5-32B, 817 samples x 15 epochs, 32 per step), HSDP with 8 GPUs per node; compute: {rate}; "
         f"assumed: NVLink {nvlink_gbps:.0f} GB/s, InfiniBand {ib_gbps:.0f} GB/s per GPU",
         f"{'nodes':>5} {'GPUs':>4} {'peak GiB':>8} {'plan GiB':>8} {'AG+RS GB':>8} {'AR GB':>6} {'passes':>6} {'compute s':>9} "
-        f"{'NVLink s':>8} {'IB s':>6} {'hidden':>6} {'idle':>5} {'min':>6} {'min serial':>10}",
+        f"{'NVLink s':>8} {'IB s':>6} {'hidden':>6} {'idle':>5} {'min':>6} {'min serial':>10} {'simulated in':>12}",
     ]
     for r in rows:
         lines.append(
             f"{r.nodes:>5} {r.gpus:>4} {r.peak_gib:>8.1f} {r.planned_gib:>8.1f} {r.gather_scatter_gb_per_pass:>8.1f} "
             f"{r.all_reduce_gb_per_pass:>6.1f} {r.passes_per_step:>6.2f} {r.compute_s_per_pass:>9.2f} {r.nvlink_s_per_pass:>8.2f} "
             f"{r.ib_s_per_pass:>6.2f} {'yes' if r.hidden else 'NO':>6} {100 * r.idle_rank_fraction:>4.0f}% {r.minutes_overlapped:>6.1f} "
-            f"{r.minutes_serial:>10.1f}"
+            f"{r.minutes_serial:>10.1f} {'-' if r.simulated_s is None else f'{r.simulated_s:.0f} s':>12}"
         )
     exposed = next((r for r in rows if not r.hidden), None)
     lines.append("communication hides behind compute at every scale here" if exposed is None else
