@@ -60,6 +60,22 @@ def test_the_reference_run_keeps_its_golden_losses(reference):
     assert losses(reference) == pytest.approx(GOLDEN_LOSSES, rel=1e-5)
 
 
+def test_the_planners_checkpoint_size_is_what_a_save_writes(reference):
+    """The size the run checks free space against (engine.memory.checkpoint_bytes: fp32 weights
+    and both AdamW moments) against the bytes of a real checkpoint: the tensors, plus DCP's
+    metadata, the train state and the RNG files."""
+    from engine.config import load_config
+    from engine.memory import checkpoint_bytes
+    from model.qwen2 import PRESETS
+
+    planned = checkpoint_bytes(load_config(ROOT / "configs/demo.toml", SMALL), PRESETS["tiny"])
+    written = sum(f.stat().st_size for f in (reference / "checkpoints" / "step-00000006").rglob("*") if f.is_file())
+    # DCP frames each stored tensor (~1.4 KB each, .metadata included): 6.8% of this 10 MB checkpoint,
+    # ~30 MB of the 262 GB a 32B one weighs
+    assert planned <= written <= 1.10 * planned, (planned, written)
+    assert checkpoint_bytes(load_config(ROOT / "configs/limo_qwen2.5_32b_8xh100.toml", []), PRESETS["qwen2.5-32b"]) == pytest.approx(262.1e9, rel=1e-3)
+
+
 def test_the_run_writes_metrics_checkpoints_and_an_export(reference):
     records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
