@@ -63,14 +63,15 @@ def time_curation(size: int, eval_dir: Path = SHARED_EVAL) -> dict:
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "curate", "--pool", str(pool), "--out", str(out), "--steps", "dedup,decontaminate",
                "--eval-dir", str(eval_dir)]  # fmt: skip
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        stderr = proc.stderr.read()
+        log = Path(tmp) / "curate.log"
+        with open(log, "w") as stderr:  # a file, not a pipe: nobody reads while os.wait4 waits
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+            _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS, which Popen.wait does not give
+            wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
         steps = {step: json.loads((out / "steps" / step / "done.json").read_text()) for step in ("dedup", "decontaminate")}
     return {"records": size, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
             "removed": {step: done.get("stats", {}).get("removed") for step, done in steps.items()}}  # fmt: skip
