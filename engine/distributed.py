@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,17 +73,12 @@ class Distributed:
             )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) -> Distributed:
     """Join (or, outside torchrun, create a one-process) group: NCCL on GPUs (plus gloo for host
     tensors under CPU offload), gloo on CPU."""
-    if "RANK" not in os.environ:  # plain `python engine/train.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    alone = "RANK" not in os.environ  # plain `python engine/train.py`: a world of one
+    if alone:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +94,9 @@ def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) 
     if not dist.is_initialized():
         # Under CPU offload the gradients clipped (and their norms reduced) live in host memory: gloo does those.
         backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        # A world of one keeps its rendezvous in memory: no TCP port to pick, so none to lose to another process.
+        alone_store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, **alone_store)
     return Distributed(rank, world, local_rank, dev, build_mesh(dev.type, world, dp_replicate))
 
 

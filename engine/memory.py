@@ -248,8 +248,8 @@ def _layer_backward_moments(s: _Sizes, cfg: Config) -> dict[str, dict[str, float
     checkpointed), the MLP's gradients in flight and its gathered weights. Weight gradients are
     in flight too: in the first layer, its MLP's, unsharded (its attention's come after the MLP's
     temporaries are freed: counting the whole block's had over-planned the small shapes of
-    tests/test_simulate.py by up to 5.3%); from the second on, with more than one shard, the previous layer's
-    whole block in its fp32 reduce-scatter input."""
+    tests/test_simulate.py by up to 5.3%); from the second on, the previous layer's whole block:
+    in its fp32 reduce-scatter input with more than one shard, unsharded with one."""
     L = len(s.kept)
     mlp_grads = 3 * s.T * s.I * s.cb + 2 * s.T * s.H * s.cb  # d(product), d(gate), d(up); dh in and out
     gathered_blocks = s.n_block * s.cb if cfg.parallel.reshard_after_forward else L * s.n_block * s.cb  # ZeRO-2 keeps every block gathered
@@ -260,7 +260,8 @@ def _layer_backward_moments(s: _Sizes, cfg: Config) -> dict[str, dict[str, float
             "gathered block": gathered_blocks,
             "saved activations": sum(s.kept[:j]) + (0 if s.checkpointed[j] else s.kept[j]),
             "recomputed layer + its gradients": (s.per_layer if s.checkpointed[j] else 0) + mlp_grads,
-            "block gradients in flight": s.n_block * 4 if s.shard > 1 and j < L - 1 else 3 * s.H * s.I * s.cb,
+            "block gradients in flight": (3 * s.H * s.I * s.cb if j == L - 1  # the first layer back: its MLP's so far
+                                          else s.n_block * 4 if s.shard > 1 else s.n_block * s.cb),
         }
     return moments
 

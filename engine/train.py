@@ -273,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg)
-    except ConfigError as e:  # found only once ranks agree: a fallback checkpoint made with other settings
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:  # found only once ranks agree (a fallback checkpoint made with other settings): every rank raises
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
+        return 2  # torchrun reports a worker's exit 2 as its own exit 1; a plain process exits 2
     return 0
 
 

@@ -6,12 +6,14 @@ to say so. This module evaluates a small, unambiguous subset of LaTeX arithmetic
 at a few fixed positive points for the variables, and calls two leaves different only when their
 values are far apart at some point: further than every tolerance a later check applies (math-verify
 rounds decimals to 6 places, our protocol allows a relative 1e-4). Anything outside the subset,
-or not real is left to sympy (`None`), so a verdict never changes, it only comes sooner. Two
-extensions keep the commonest slow cases off sympy: a leaf of numbers alone that a double cannot
-hold (`2^{2022}`) is evaluated exactly, in rationals; and `i` is the imaginary unit (complex
-values): two rational expressions that differ at i = sqrt(-1) differ as expressions in a symbol
-`i` too, so the verdict is sympy's whichever way it reads `i` (`1 + 264i` against `1 + 274i`
-took sympy 0.27 s).
+or not real is left to sympy (`None`), so a verdict never changes, it only comes sooner. A
+leaf of numbers alone is evaluated exactly, in rationals, when it has no roots, pi or floors
+(`2^{2022}`, `10^{20} + 1 - 10^{20}`); in floats, a difference within rounding of the largest
+term summed is no evidence. `i` is the imaginary unit (complex values): two rational expressions
+that differ at i = sqrt(-1) differ as expressions in a symbol `i` too, so the verdict is sympy's
+whichever way it reads `i` (`1 + 264i` against `1 + 274i` took sympy 0.27 s). A run of letters
+outside a command that holds a Greek, function or constant name (`mu`, `xi`, `pi`, `sin`) is
+declined: sympy may read one symbol there, where the screen reads a product.
 
 The subset: numbers, one-letter variables, subscripted or not (not e, j, E, I: constants to
 sympy, or meant as ones; i only as above),
@@ -43,6 +45,17 @@ _ENDS = ("+", "-", "*", "/", "\\cdot", "\\times", ")", "]", "}", "\\rfloor", "\\
 _MAX_EXPONENT = 4096.0
 _TINY = 1e-250  # below this a float result may have lost a factor to underflow: not evidence
 _MAX_EXACT_BITS = 1 << 16  # an exact power's size bound: 2^{2022} is evaluated, 10^{10^{10}} is not
+# Two or more letters in a row outside a command are a product of one-letter variables here, as
+# to sympy ("2RC", "AB"), unless they hold a name sympy may read as one symbol, function or
+# constant ("mu", "xi", "pi", "sin", "oo"): a run holding one of those is declined.
+_BARE_RUN_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
+_NAMES_IN_RUNS = re.compile("|".join(sorted((
+    "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi",
+    "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega",
+    "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "lg", "exp", "lim", "max", "min", "sup", "inf", "gcd", "lcm",
+    "det", "arg", "deg", "mod", "dim", "ker", "re", "im", "sgn", "sqrt", "oo", "nan", "zoo",
+), key=len, reverse=True)), re.IGNORECASE)  # fmt: skip
+_CANCELLATION = 1e-12  # a difference below this fraction of the largest term summed may be rounding
 
 
 class _Unsupported(Exception):
@@ -78,6 +91,7 @@ class _Evaluator:
 
     def __init__(self, tokens: list[str], values: dict[str, float | complex], exact: bool = False):
         self.tokens, self.i, self.values, self.exact = tokens, 0, values, exact
+        self.largest_term = 0.0  # of every sum: what float cancellation can lose a fraction of
 
     def peek(self) -> str | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -92,7 +106,9 @@ class _Evaluator:
     def sum(self) -> float:
         value = self.product()
         while self.peek() in ("+", "-"):
-            value = value + self.product() if self.take() == "+" else value - self.product()
+            op, right = self.take(), self.product()
+            self.largest_term = max(self.largest_term, abs(value), abs(right))
+            value = value + right if op == "+" else value - right
         return value
 
     def product(self) -> float:
@@ -193,33 +209,38 @@ class _Evaluator:
                 if index not in (2.0, 3.0, 4.0, 5.0):
                     raise _Unsupported("root index")
             radicand = self.group("{")
-            if isinstance(radicand, complex) or radicand < 0:
+            if isinstance(index, complex) or isinstance(radicand, complex) or radicand < 0:
                 raise _Unsupported("negative radicand")
             return radicand ** (1.0 / index)
         raise _Unsupported(token)
 
 
-def _value(tokens: list[str], values: dict[str, float | complex], exact: bool = False) -> float | complex | Fraction:
+def _value(tokens: list[str], values: dict[str, float | complex], exact: bool = False) -> tuple[float | complex | Fraction, float]:
+    """(the value, the largest term any of its sums added: 0 for exact values, which lose nothing)."""
     evaluator = _Evaluator(tokens, values, exact)
     value = evaluator.sum()
     if evaluator.peek() is not None:
         raise _Unsupported(f"trailing {evaluator.peek()!r}")
-    if not exact and (not math.isfinite(abs(value)) or (value != 0 and not 1e-250 < abs(value) < 1e250)):
+    if exact:
+        return value, 0.0
+    if not math.isfinite(abs(value)) or (value != 0 and not 1e-250 < abs(value) < 1e250):
         raise _Unsupported("range")
-    return value
+    return value, evaluator.largest_term
 
 
-def _far_apart(p, g) -> bool:
-    """Further apart than any later check's tolerance (exact for rationals, whatever their size)."""
+def _far_apart(p_and_term, g_and_term) -> bool:
+    """Further apart than any later check's tolerance (exact for rationals, whatever their size),
+    and than what float cancellation can have lost: `10^{20} + 1 - 10^{20}` is 0 in floats."""
+    (p, p_term), (g, g_term) = p_and_term, g_and_term
     if isinstance(p, Fraction):
         return abs(p - g) > max(Fraction(REL_GAP) * max(abs(p), abs(g)), Fraction(ABS_GAP))
-    return abs(p - g) > max(REL_GAP * max(abs(p), abs(g)), ABS_GAP)
+    return abs(p - g) > max(REL_GAP * max(abs(p), abs(g)), ABS_GAP, _CANCELLATION * max(p_term, g_term))
 
 
 def clearly_different(pred: str, gold: str) -> bool:
     """True when both normalised leaves are in the subset and their values are far apart at one of
     the fixed points; False means "not shown different here", never "equal"."""
-    if "%" in pred or "%" in gold:
+    if "%" in pred or "%" in gold or any(_NAMES_IN_RUNS.search(run) for run in _BARE_RUN_RE.findall(f"{pred} {gold}")):
         return False
     try:
         p_tokens, g_tokens = _tokens(pred), _tokens(gold)
@@ -227,10 +248,10 @@ def clearly_different(pred: str, gold: str) -> bool:
         if any(n[0].isalpha() and n[0] not in _LETTERS and n != "i" for n in names):
             return False
         if not names:
-            try:  # numbers alone: floats first (microseconds), exact rationals where a double cannot hold them
-                return _far_apart(_value(p_tokens, {}), _value(g_tokens, {}))
-            except (_Unsupported, OverflowError):
+            try:  # numbers alone: exact rationals (no rounding, no range), floats where roots, pi or floors need them
                 return _far_apart(_value(p_tokens, {}, exact=True), _value(g_tokens, {}, exact=True))
+            except _Unsupported:
+                return _far_apart(_value(p_tokens, {}), _value(g_tokens, {}))
         variables = [n for n in names if n != "i"]
         for point in _POINTS:
             values = {n: point[k % len(point)] * (1 + k // len(point)) for k, n in enumerate(variables)}

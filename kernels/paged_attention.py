@@ -322,7 +322,8 @@ def paged_attention_torch(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     pages = block_tables.long()
     width = pages.shape[1] * block_size
-    group = group_size(B, width, Hkv * D * torch.finfo(dtype).bits // 8, budget_bytes)
+    # A CPU core's cache sets the group; a GPU (the torch backend there) takes the batch in one call.
+    group = group_size(B, width, Hkv * D * torch.finfo(dtype).bits // 8, budget_bytes) if q.device.type == "cpu" else max(B, 1)
     buffers = [torch.empty(group * pages.shape[1], block_size, Hkv, D, dtype=k_cache.dtype, device=q.device) for _ in range(2)]
     position = torch.arange(width, device=q.device)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)

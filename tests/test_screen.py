@@ -25,6 +25,7 @@ DIFFERENT = [
     (r"\sqrt[3]{2} \cdot 3", "4"),
     ("0.3333", r"\frac{1}{3} + 0.01"),
     ("2^{2022}", "-1"),                          # past a double: exact rationals
+    ("10^{20}+1-10^{20}", "2"),                  # exact: no cancellation
     ("1 + 264i", "1+274i"),                      # i is the imaginary unit: complex values
     (r"\frac{1+265i}{1+263i}", "1+274i"),
     (r"-\frac{11}{5}-\frac{2}{5}i", "1+2i"),
@@ -46,6 +47,9 @@ NOT_SHOWN_DIFFERENT = [
     ("2 3", "6"),                                # latex2sympy reads `2 3` as 5
     ("2^{2022}", "2^{2022}+1"),                  # exact, but within the relative tolerance
     ("10^{10^{10}}", "1"),                       # past the exact evaluation's size bound
+    ("10^{20}+1-10^{20}", "1"),                  # equal, exactly (0 in floats)
+    ("(x+10^{20})-10^{20}", "x"),                # equal; floats lose x to cancellation: no evidence
+    ("xi", r"\xi"), ("phi", r"\phi"), ("mu", r"\mu"), ("alpha", r"\alpha"), ("pi", r"\pi"),  # a bare Greek name: sympy's call
     (r"\frac{1}{2^{2000}}", r"\frac{3}{2^{2000}}"),  # exact, but closer than the absolute gap
     (r"x^{-2000} + 1", "1"),                     # an underflowed term is no evidence
     (r"\log 2", "1"),                            # functions are not in the subset
