@@ -76,10 +76,11 @@ class Distributed:
 def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) -> Distributed:
     """Join (or, outside torchrun, create a one-process) group: NCCL on GPUs (plus gloo for host
     tensors under CPU offload), gloo on CPU."""
-    alone = "RANK" not in os.environ  # plain `python engine/train.py`: a world of one
-    if alone:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    # Plain `python engine/train.py` (or a caller in its own process): a world of one, set up without
+    # touching os.environ, so that no child process (the evaluation, a test's train.py) inherits a
+    # rank and a rendezvous that are not its own.
+    alone = "RANK" not in os.environ
+    rank, world, local_rank = (0, 1, 0) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

@@ -121,3 +121,14 @@ def test_startup_fetches_once_per_node_and_needs_a_shared_output_dir(tmp_path):
     outcomes = [json.loads((tmp_path / f"outcome-{r}.json").read_text()) for r in range(4)]
     assert all(f"rank-{r} is not one folder for every rank" in o for r, o in enumerate(outcomes)), outcomes  # every rank stops
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == []  # the probe is cleaned up
+
+
+def test_a_world_of_one_leaves_the_environment_to_its_children(monkeypatch):
+    """Outside torchrun, init_distributed makes a world of one without writing RANK or a rendezvous
+    into os.environ: a child process (the evaluation, a test's plain train.py) inherited them and
+    joined a stale rendezvous (EADDRINUSE, or MASTER_ADDR missing)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    world = init_distributed("cpu", 1)
+    assert (world.rank, world.world_size, world.local_rank) == (0, 1, 0)
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
