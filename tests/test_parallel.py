@@ -127,8 +127,15 @@ def test_a_world_of_one_leaves_the_environment_to_its_children(monkeypatch):
     """Outside torchrun, init_distributed makes a world of one without writing RANK or a rendezvous
     into os.environ: a child process (the evaluation, a test's plain train.py) inherited them and
     joined a stale rendezvous (EADDRINUSE, or MASTER_ADDR missing)."""
+    import torch.distributed as dist
+
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    world = init_distributed("cpu", 1)
-    assert (world.rank, world.world_size, world.local_rank) == (0, 1, 0)
-    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+    assert not dist.is_initialized()
+    try:
+        world = init_distributed("cpu", 1)
+        assert dist.is_initialized() and (world.rank, world.world_size, world.local_rank) == (0, 1, 0)
+        assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # the tests after this one start groups of their own
