@@ -79,17 +79,10 @@ def time_curation(size: int, eval_dir: Path = SHARED_EVAL) -> dict:
 
 def grading_speed(shared: Path = ROOT.parent / "shared", threads: int = os.cpu_count() or 2) -> dict:
     """Verdicts per second of eval.grading.grade over every real output of `shared`/data/graded_outputs, workers warm."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from eval.agreement import grade_record, load_graded_outputs
-    from eval.grading import is_equivalent
+    from eval.agreement import grade_timed, load_graded_outputs
 
     records = load_graded_outputs(shared)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda _: is_equivalent("x^2", "x x"), range(2 * threads)))  # the symbolic workers started, off the clock
-        start = time.perf_counter()
-        list(pool.map(grade_record, records))
-        elapsed = time.perf_counter() - start
+    _, elapsed = grade_timed(records, threads)
     return {"verdicts": len(records), "seconds": elapsed, "verdicts_per_s": len(records) / elapsed, "threads": threads}
 
 

@@ -93,6 +93,16 @@ def grade_record(record: GradedOutput) -> tuple[str | None, bool]:
     return grade(record.output, [record.gold])
 
 
+def grade_timed(records: list[GradedOutput], threads: int) -> tuple[list[tuple[str | None, bool]], float]:
+    """Every record's (extracted answer, verdict), graded on `threads` threads, and the seconds it
+    took; the symbolic workers are started first, off the clock."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda _: is_equivalent("x^2", "x x"), range(2 * threads)))
+        start = time.perf_counter()
+        results = list(pool.map(grade_record, records))
+        return results, time.perf_counter() - start
+
+
 def load_adjudicated(path: Path) -> dict[tuple[str, int], dict]:
     with open(path, encoding="utf-8") as f:
         cases = json.load(f)["cases"]
@@ -117,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     records = load_graded_outputs(args.shared)
     adjudicated = load_adjudicated(args.adjudicated) if args.adjudicated.exists() else {}
-    with ThreadPoolExecutor(args.threads) as pool:
-        list(pool.map(lambda _: is_equivalent("x^2", "x x"), range(2 * args.threads)))  # workers started, off the clock
-        start = time.perf_counter()
-        results = list(pool.map(grade_record, records))
-        elapsed = time.perf_counter() - start
+    results, elapsed = grade_timed(records, args.threads)
     if args.verdicts:
         with open(args.verdicts, "w", encoding="utf-8") as f:
             f.writelines(json.dumps([r.file, r.idx, pred, ok]) + "\n" for r, (pred, ok) in zip(records, results))

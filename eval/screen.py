@@ -50,8 +50,7 @@ _MAX_EXACT_BITS = 1 << 16  # an exact power's size bound: 2^{2022} is evaluated,
 # constant ("mu", "xi", "pi", "sin", "oo"): a run holding one of those is declined.
 _BARE_RUN_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 _NAMES_IN_RUNS = re.compile("|".join(sorted((
-    "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi",
-    "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega",
+    *_GREEK, "epsilon", "zeta", "eta", "iota", "kappa", "omicron", "pi", "upsilon",  # the Greek letters the subset leaves out
     "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "lg", "exp", "lim", "max", "min", "sup", "inf", "gcd", "lcm",
     "det", "arg", "deg", "mod", "dim", "ker", "re", "im", "sgn", "sqrt", "oo", "nan", "zoo",
 ), key=len, reverse=True)), re.IGNORECASE)  # fmt: skip
