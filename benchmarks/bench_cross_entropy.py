@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Runnable, Unavailable, Work, add_common_args, main_for
-from tools.dtypes import dtype_of
+from limo.tools.dtypes import dtype_of
 
 MODES = ("fwd", "fwd+bwd")
 SWEEPS = {
@@ -54,7 +54,7 @@ def _runnable(loss_fn, case: dict, mode: str, device: torch.device) -> Runnable:
 
 
 def ours(case, mode, device):
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from limo.kernels.cross_entropy import fused_linear_cross_entropy
 
     return _runnable(lambda h, w, t: fused_linear_cross_entropy(h, w, t, reduction="sum"), case, mode, device)
 

@@ -6,7 +6,7 @@
 The pool is made here, seeded, so that anyone gets the same one: half the demo's synthetic
 problems, 40% problems of the LIMO evaluation suites with every number redrawn (real text and
 lengths, mostly not contaminated), 10% relabelled copies of demo problems ("Problem 7." and new
-whitespace, which dedup must catch). Each size runs `python -m curate --steps dedup,decontaminate`
+whitespace, which dedup must catch). Each size runs `python -m limo.curate --steps dedup,decontaminate`
 in a process of its own, timed on the wall clock, with its peak resident set. Goal: 20,000 records
 in at most 2 minutes on 2 cores. The cost is linear in the pool (a normalisation, a MinHash and
 an LSH query per record, a few n-gram lookups, plus a fixed cost to index the suites), so the
@@ -37,8 +37,8 @@ _NUMBER = re.compile(r"\d+")
 
 def speed_pool(size: int, eval_dir: Path = SHARED_EVAL, seed: int = 0) -> list[dict]:
     """`size` records: 50% synthetic problems, 40% suite problems with redrawn numbers, 10% relabelled copies."""
-    from curate.decontaminate import load_suites
-    from data.synthetic import problems
+    from limo.curate.decontaminate import load_suites
+    from limo.data.synthetic import problems
 
     rng = random.Random(seed)
     fresh, suites, copies = size // 2, 2 * size // 5, size - size // 2 - 2 * size // 5
@@ -56,12 +56,12 @@ def speed_pool(size: int, eval_dir: Path = SHARED_EVAL, seed: int = 0) -> list[d
 
 
 def time_curation(size: int, eval_dir: Path = SHARED_EVAL) -> dict:
-    """Wall seconds, each step's seconds and the peak RSS of `python -m curate --steps dedup,decontaminate` on a pool of `size`."""
+    """Wall seconds, each step's seconds and the peak RSS of `python -m limo.curate --steps dedup,decontaminate` on a pool of `size`."""
     with tempfile.TemporaryDirectory() as tmp:
         pool = Path(tmp) / "pool.jsonl"
         pool.write_text("".join(json.dumps(r) + "\n" for r in speed_pool(size, eval_dir)))
         out = Path(tmp) / "out"
-        cmd = [sys.executable, "-m", "curate", "--pool", str(pool), "--out", str(out), "--steps", "dedup,decontaminate",
+        cmd = [sys.executable, "-m", "limo.curate", "--pool", str(pool), "--out", str(out), "--steps", "dedup,decontaminate",
                "--eval-dir", str(eval_dir)]  # fmt: skip
         log = Path(tmp) / "curate.log"
         with open(log, "w") as stderr:  # a file, not a pipe: nobody reads while os.wait4 waits
@@ -79,7 +79,7 @@ def time_curation(size: int, eval_dir: Path = SHARED_EVAL) -> dict:
 
 def grading_speed(shared: Path = ROOT.parent / "shared", threads: int = os.cpu_count() or 2) -> dict:
     """Verdicts per second of eval.grading.grade over every real output of `shared`/data/graded_outputs, workers warm."""
-    from eval.agreement import grade_timed, load_graded_outputs
+    from limo.eval.agreement import grade_timed, load_graded_outputs
 
     records = load_graded_outputs(shared)
     _, elapsed = grade_timed(records, threads)

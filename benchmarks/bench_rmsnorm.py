@@ -18,7 +18,7 @@ import sys
 import torch
 
 from benchmarks.harness import Runnable, Unavailable, Work, add_common_args, main_for
-from tools.dtypes import dtype_of
+from limo.tools.dtypes import dtype_of
 
 MODES = ("fwd", "fwd+bwd")
 SWEEPS = {
@@ -66,19 +66,19 @@ def _runnable(norm, case: dict, mode: str, device: torch.device) -> Runnable:
 
 
 def ours(case, mode, device):
-    from kernels.norm import rmsnorm
+    from limo.kernels.norm import rmsnorm
 
     return _runnable(lambda x, w, r: rmsnorm(x, w, EPS, residual=r), case, mode, device)
 
 
 def eager(case, mode, device):
-    from kernels.reference import rmsnorm
+    from limo.kernels.reference import rmsnorm
 
     return _runnable(lambda x, w, r: rmsnorm(x, w, EPS, residual=r), case, mode, device)
 
 
 def compiled(case, mode, device):
-    from kernels.reference import rmsnorm
+    from limo.kernels.reference import rmsnorm
 
     torch._dynamo.reset()  # a fresh, shape-specialised compile per case (dynamo's recompile limit would otherwise fall back to eager)
     fn = torch.compile(rmsnorm, dynamic=False)

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from limo import kernels
 from benchmarks import bench_sampler_cpu
 from benchmarks.harness import SCHEMA, Record, Work, environment, finish, measure_ceilings, print_table
-from model.flops import forward_flops
-from model.init import init_weights
-from model.qwen2 import PRESETS, ModelArgs, build_model
-from model.weights import save_pretrained
-from tools.dtypes import dtype_of
+from limo.model.flops import forward_flops
+from limo.model.init import init_weights
+from limo.model.qwen2 import PRESETS, ModelArgs, build_model
+from limo.model.weights import save_pretrained
+from limo.tools.dtypes import dtype_of
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ Run = tuple[list[Record], list[int]]  # the records, and the first prompt's gree
 
 
 def run_ours(folder: Path, sweep: Sweep, prompts: list[list[int]], device: torch.device, ceilings: dict, log) -> Run:
-    from eval.sampler import LLM, SamplingParams
+    from limo.eval.sampler import LLM, SamplingParams
 
     longest = sweep.prompt + sweep.new_tokens
     pages = -(-longest // sweep.block_size) * max(sweep.batches) + max(sweep.batches)

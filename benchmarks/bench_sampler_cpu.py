@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from model.init import init_weights
-from model.qwen2 import ModelArgs
+from limo.model.init import init_weights
+from limo.model.qwen2 import ModelArgs
 
 HOST_GOAL_US_AT_256 = 1000.0
 SAMPLES_PER_PROMPT = 16
@@ -64,7 +64,7 @@ def _timed(obj: object, name: str, into: list[float], clock: Callable[[], float]
 
 def host_step(batch: int) -> dict:
     """Host microseconds per decode step (and per sequence) at `batch` running sequences."""
-    from eval.sampler import LLM, SamplingParams
+    from limo.eval.sampler import LLM, SamplingParams
 
     n = SAMPLES_PER_PROMPT if batch >= SAMPLES_PER_PROMPT else 1
     prompts = batch // n
@@ -115,11 +115,11 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
     import tempfile
     from pathlib import Path
 
-    from eval.sampler import LLM, SamplingParams
-    from eval.sampler.scheduler import WATERMARK
-    from kernels.paged_attention import paged_attention
-    from model.qwen2 import PRESETS, build_model
-    from model.weights import save_pretrained
+    from limo.eval.sampler import LLM, SamplingParams
+    from limo.eval.sampler.scheduler import WATERMARK
+    from limo.kernels.paged_attention import paged_attention
+    from limo.model.qwen2 import PRESETS, build_model
+    from limo.model.weights import save_pretrained
 
     args = PRESETS["tiny"]
     threads = torch.get_num_threads()

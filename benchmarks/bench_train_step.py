@@ -4,14 +4,14 @@
     python -m benchmarks.bench_train_step --configs triton-full-eager-L2,triton-full-eager-L4 --out train.json
     TRITON_INTERPRET=1 python -m benchmarks.bench_train_step --sweep smoke  # a tiny model on CPU
 
-What is timed is engine/train.py's step (forward with labels -> loss sum / divisor -> backward per
+What is timed is limo/engine/train.py's step (forward with labels -> loss sum / divisor -> backward per
 micro-batch, clip, one host sync, AdamW) on the model and optimizer training builds
 (engine.train.build_training) from the LIMO recipe's config (configs/limo_qwen2.5_32b_8xh100.toml):
-the FSDP2 plan of engine/sharding.py on a world of one (bf16 compute, fp32 master weights and
-reduce), engine/optim.py's optimizer. The model is the 32B preset with `num_layers=k`, its weights
-drawn on the device by model/init.py's rule. The micro-batches are
-synthetic token ids packed by data/packing.py into 16,384-token streams, with sample lengths drawn
-from the long-CoT proxy (data/lengths.py); every config runs the same micro-batches.
+the FSDP2 plan of limo/engine/sharding.py on a world of one (bf16 compute, fp32 master weights and
+reduce), limo/engine/optim.py's optimizer. The model is the 32B preset with `num_layers=k`, its weights
+drawn on the device by limo/model/init.py's rule. The micro-batches are
+synthetic token ids packed by limo/data/packing.py into 16,384-token streams, with sample lengths drawn
+from the long-CoT proxy (limo/data/lengths.py); every config runs the same micro-batches.
 
 Reported per config: step time and its phases (forward+backward+clip+sync, then AdamW),
 tokens/s, MFU as ANCHORS.md counts it (causal attention) and torchtitan's, the peak memory
@@ -39,17 +39,17 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.harness import LIMO_RECIPE, SCHEMA, Record, Unavailable, environment, finish, kernel_choice, measure_ceilings
-from data import lengths as length_dist
-from data.dataset import EncodedSample
-from data.packing import MicroBatch, pack, plan
-from engine.config import Config, load_config
-from engine.distributed import Distributed, init_distributed
-from engine.memory import GIB, H100_80GB_GIB, plan_memory
-from engine.metrics import peak_flops
-from engine.train import build_training
-from engine.train import train_step as engine_train_step
-from model.flops import head_flops, layer_flops, step_flops, step_flops_torchtitan
-from model.qwen2 import PRESETS, ModelArgs
+from limo.data import lengths as length_dist
+from limo.data.dataset import EncodedSample
+from limo.data.packing import MicroBatch, pack, plan
+from limo.engine.config import Config, load_config
+from limo.engine.distributed import Distributed, init_distributed
+from limo.engine.memory import GIB, H100_80GB_GIB, plan_memory
+from limo.engine.metrics import peak_flops
+from limo.engine.train import build_training
+from limo.engine.train import train_step as engine_train_step
+from limo.model.flops import head_flops, layer_flops, step_flops, step_flops_torchtitan
+from limo.model.qwen2 import PRESETS, ModelArgs
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ SWEEPS = {
 
 
 def micro_batches(vocab_size: int, budget: int, count: int, seed: int = 0) -> list[MicroBatch]:
-    """`count` of data/packing.py's micro-batches, picked at random, over samples drawn from the
+    """`count` of limo/data/packing.py's micro-batches, picked at random, over samples drawn from the
     long-CoT proxy (lengths scaled by budget / 16384, so a smoke budget keeps the distribution's
     shape). Picking the fullest instead would favour lone capped samples (their attention costs
     most). Token ids are random; each sample's first eighth (at most 256 tokens) is an
@@ -164,7 +164,7 @@ class Marks:
 
 
 def train_step(model, optimizer, batches: list[MicroBatch], divisor: int, max_grad_norm: float, device: torch.device, marks: Marks):
-    """engine/train.py's step (engine.train.train_step, then AdamW), marked between its phases.
+    """limo/engine/train.py's step (engine.train.train_step, then AdamW), marked between its phases.
 
     A non-finite loss or norm is an error here (train.py skips such a step): the benchmark's
     step must compute what training computes.

@@ -12,7 +12,7 @@ Three kinds of file:
                       against the same kind of file from the same device: each key's median ms may
                       not grow past the baseline's by more than --tolerance. Records that could not
                       run ("unavailable"/"error") are reported, not compared.
-  compile checks      `python -m kernels.compile_check --arch A --json` against the committed
+  compile checks      `python -m limo.kernels.compile_check --arch A --json` against the committed
                       benchmarks/results/compile-smA.json: a configuration fails when it spills and
                       its baseline did not, or when its resident warps per SM (the occupancy its
                       registers and shared memory allow) fall below the baseline's, i.e. its
@@ -114,7 +114,7 @@ def compare_compile(results: dict, baseline: dict) -> tuple[list[str], list[str]
         elif g["resident_warps"] > w["resident_warps"]:
             notes.append(f"sm_{arch} {key}: {g['resident_warps']} resident warps per SM, baseline {w['resident_warps']}: better; "
                          "update the baseline")  # fmt: skip
-    regenerate = f"regenerate: env -u TRITON_INTERPRET python -m kernels.compile_check --arch {arch} --json > benchmarks/results/compile-sm{arch}.json"
+    regenerate = f"regenerate: env -u TRITON_INTERPRET python -m limo.kernels.compile_check --arch {arch} --json > benchmarks/results/compile-sm{arch}.json"
     for key in sorted(got.keys() - want.keys()):
         regressions.append(f"sm_{arch} {key}: not in the baseline ({regenerate})")
     for key in sorted(want.keys() - got.keys()):

@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-import kernels
-from kernels.dispatch import swapped_kernels
-from data.dataset import EncodedSample
-from data.loader import PackedLoader
-from data.packing import plan
+from limo import kernels
+from limo.kernels.dispatch import swapped_kernels
+from limo.data.dataset import EncodedSample
+from limo.data.loader import PackedLoader
+from limo.data.packing import plan
 
 SCHEMA = 1
 ROOT = Path(__file__).resolve().parents[1]

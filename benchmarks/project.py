@@ -11,12 +11,12 @@ give achieved rates: R_layer = F_layer(bench) / per_layer, R_head = F_head(bench
 
 The recipe (configs/limo_qwen2.5_32b_8xh100.toml): 817 samples, 15 epochs, 32 samples per step,
 micro-batches of at most 16,384 tokens, 8 GPUs. Sample lengths: 817 draws from the long-CoT proxy
-(data/lengths.py), capped at 16,384. The engine's own loader and packer (data/loader.py,
-data/packing.py) lay out every step's micro-batches on every rank. Then, with P the parameters:
+(limo/data/lengths.py), capped at 16,384. The engine's own loader and packer (limo/data/loader.py,
+limo/data/packing.py) lay out every step's micro-batches on every rank. Then, with P the parameters:
     t(mb)     = 64 * F_layer(mb) / R_layer + F_head(mb) / R_head
     compute_i = max over ranks of t(micro-batch i)           (ranks meet at every layer's collectives)
     comm      = (2 * 2 B + 4 B) * P * 7/8 / NVLink GB/s      (bf16 all-gather in forward and again in
-                backward, fp32 reduce-scatter, every micro-batch: FSDP2 as engine/sharding.py sets it up)
+                backward, fp32 reduce-scatter, every micro-batch: FSDP2 as limo/engine/sharding.py sets it up)
     step      = sum_i max(compute_i, comm)  [overlapped]  or  sum_i (compute_i + comm)  [not overlapped]
                 + optimizer_ms_per_gparam * P / 8             (each GPU updates its shard)
     total     = sum over the 390 steps
@@ -36,11 +36,11 @@ from pathlib import Path
 
 from benchmarks import scale_out
 from benchmarks.harness import LIMO_RECIPE, rank_passes
-from data import lengths as length_dist
-from engine.config import load_config
-from engine.memory import H100_80GB_GIB, plan_memory
-from model.flops import head_flops, layer_flops
-from model.qwen2 import PRESETS
+from limo.data import lengths as length_dist
+from limo.engine.config import load_config
+from limo.engine.memory import H100_80GB_GIB, plan_memory
+from limo.model.flops import head_flops, layer_flops
+from limo.model.qwen2 import PRESETS
 
 TARGET = PRESETS["qwen2.5-32b"]
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")

@@ -22,15 +22,15 @@ the code that a careless change moves:
                              thread's CPU time. Baseline: the goal, 1 ms; it fails past 1.5 ms
                              (machines differ), which O(context) work per step would cross
   limo_32b_simulated_peak_gib  the LIMO 32B recipe's step on 8 ranks, simulated at full size
-                             (engine/simulate.py: two full 16k micro-batches, fake tensors), GiB per rank
+                             (limo/engine/simulate.py: two full 16k micro-batches, fake tensors), GiB per rank
   limo_32b_planner_error     |the planner's tensors / the simulated peak - 1|: the goal is <= 5%
   limo_32b_planned_total_gib the planner's whole figure (allocator, prefetch in flight included):
                              must stay within the 77.1 GiB an 80 GB H100 leaves usable
   host_syncs_per_step        scalar reads (.item(), bool(t), .tolist()) in one FSDP training step on
-                             two micro-batches on CPU, outside kernels/reference.py (CPU-only); the
+                             two micro-batches on CPU, outside limo/kernels/reference.py (CPU-only); the
                              JSON lists each site. Expected: the step's one read of (loss, grad
                              norm), plus the fused CE's target-range check, which runs on CPU only
-  curate_20k_dedup_decontaminate_s  wall seconds of `python -m curate --steps dedup,decontaminate`
+  curate_20k_dedup_decontaminate_s  wall seconds of `python -m limo.curate --steps dedup,decontaminate`
                              on benchmarks/bench_curate.py's seeded 20,000-record pool: the goal,
                              at most 2 minutes on 2 cores (measured ~14 s)
   grading_verdicts_per_s     eval.grading.grade over the 2,845 real outputs of ../shared, warm
@@ -59,21 +59,21 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
-import kernels  # noqa: E402
-import kernels.cross_entropy as ce  # noqa: E402
+from limo import kernels  # noqa: E402
+import limo.kernels.cross_entropy as ce  # noqa: E402
 from benchmarks.bench_curate import grading_speed, time_curation  # noqa: E402
 from benchmarks.bench_sampler_cpu import host_step  # noqa: E402
 from benchmarks.harness import LIMO_RECIPE  # noqa: E402
-from data.dataset import EncodedSample  # noqa: E402
-from data.packing import build_step  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.distributed import init_distributed  # noqa: E402
-from engine.memory import layer_activation_bytes_per_token  # noqa: E402
-from engine.simulate import simulate  # noqa: E402
-from engine.train import build_training, train_step  # noqa: E402
-from model.flops import step_flops  # noqa: E402
-from model.init import init_weights  # noqa: E402
-from model.qwen2 import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin  # noqa: E402
+from limo.data.dataset import EncodedSample  # noqa: E402
+from limo.data.packing import build_step  # noqa: E402
+from limo.engine.config import load_config  # noqa: E402
+from limo.engine.distributed import init_distributed  # noqa: E402
+from limo.engine.memory import layer_activation_bytes_per_token  # noqa: E402
+from limo.engine.simulate import simulate  # noqa: E402
+from limo.engine.train import build_training, train_step  # noqa: E402
+from limo.model.flops import step_flops  # noqa: E402
+from limo.model.init import init_weights  # noqa: E402
+from limo.model.qwen2 import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [100, 37, 200, 175]  # one packed micro-batch of four samples
@@ -93,7 +93,7 @@ def flop_ratios() -> dict[str, float]:
     """Counted over analytic FLOPs of one forward + backward of the tiny preset.
 
     On the torch kernels. The fused cross-entropy is one op to the counter, which counts it by its
-    registered formula (the logits' matmul and both gradients'), kernels/cross_entropy.py. The
+    registered formula (the logits' matmul and both gradients'), limo/kernels/cross_entropy.py. The
     reference attention reaches PyTorch's CPU flash kernel, which torch's counter has no formula
     for: it is counted as its CUDA siblings are (every query against every key of its sample).
     """
@@ -231,7 +231,7 @@ def logits_peak_fraction() -> float:
 
 
 class _HostReads(TorchFunctionMode):
-    """Every scalar read (.item(), float(t), bool(t), .tolist()) outside kernels/reference.py, by
+    """Every scalar read (.item(), float(t), bool(t), .tolist()) outside limo/kernels/reference.py, by
     the site in this repository that made it. `.tolist()` reads without dispatching an op, so it
     is seen here, at the Python call; the others dispatch aten._local_scalar_dense, seen by the
     dispatch mode `ops` (a read is one or the other, never both)."""
@@ -289,7 +289,7 @@ def host_syncs_per_step() -> tuple[int, list[str]]:
         assert len(batch.micro_batches) >= 2, "the profile must accumulate over micro-batches"
         with _HostReads() as reads:
             train_step(model, batch.micro_batches, batch.num_label_tokens, world.device, max_grad_norm=1.0).tolist()  # run_steps' read
-        outside = [c for c in reads.sites if not c.startswith("kernels/reference.py")]
+        outside = [c for c in reads.sites if not c.startswith("limo/kernels/reference.py")]
         return len(outside), outside
     finally:
         dist.destroy_process_group()

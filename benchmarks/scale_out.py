@@ -4,10 +4,10 @@ step, time from FLOPs and link bandwidths. Which scale stops hiding communicatio
     python -m benchmarks.project --scale-out [--nodes 1,2,4,8] [--mfu 0.5] [--nvlink-gbps 450] [--ib-gbps 50] [--json]
 
 For each node count n (8n GPUs, HSDP: sharded within a node, replicated across nodes, as
-`--parallel.dp_replicate=n` runs it) engine/simulate.py runs the recipe's step (its heaviest
+`--parallel.dp_replicate=n` runs it) limo/engine/simulate.py runs the recipe's step (its heaviest
 step of the first epoch on rank 0) and gives the per-GPU peak and the bytes each collective moves
 per step per GPU. Then, over the recipe's 390 steps as the engine's own loader and packer lay
-them out on 8n ranks (data/loader.py, sample lengths from the long-CoT proxy):
+them out on 8n ranks (limo/data/loader.py, sample lengths from the long-CoT proxy):
     compute(pass)  = max over ranks of the pass's FLOPs / (peak x MFU)        ANCHORS.md's FLOP count
     NVLink(pass)   = (all-gather + reduce-scatter bytes per pass) x 7/8 / NVLink GB/s   within a node
     IB(pass)       = all-reduce bytes per pass x 2 (n - 1) / n / InfiniBand GB/s         across nodes
@@ -25,12 +25,12 @@ import json
 from dataclasses import asdict, dataclass
 
 from benchmarks.harness import LIMO_RECIPE, rank_passes
-from data import lengths as length_dist
-from engine.config import load_config
-from engine.metrics import PEAK_BF16_FLOPS
-from engine.simulate import simulate
-from model.flops import step_flops
-from model.weights import model_args
+from limo.data import lengths as length_dist
+from limo.engine.config import load_config
+from limo.engine.metrics import PEAK_BF16_FLOPS
+from limo.engine.simulate import simulate
+from limo.model.flops import step_flops
+from limo.model.weights import model_args
 
 GPUS_PER_NODE = 8
 

@@ -57,8 +57,8 @@ def random_hf_qwen2(seed: int = 0, dtype: torch.dtype = torch.float32, **overrid
 
 def ours_from_hf(hf_model, dtype: torch.dtype | None = None):
     """Our Qwen2 holding the same weights as a transformers model."""
-    from model.qwen2 import ModelArgs, build_model
-    from model.weights import hf_name
+    from limo.model.qwen2 import ModelArgs, build_model
+    from limo.model.weights import hf_name
 
     args = ModelArgs.from_hf(hf_model.config.to_dict())
     dtype = dtype or next(hf_model.parameters()).dtype

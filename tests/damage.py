@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.checkpoint import SafeReader
+from limo.engine.checkpoint import SafeReader
 
 
 def flip(path: Path, offset: int, n: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from kernels import dispatch
+from limo.kernels import dispatch
 
 GPU_DEVICE = "cuda" if torch.backends.cuda.is_built() else "meta"
 

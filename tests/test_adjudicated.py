@@ -3,7 +3,7 @@
 ../shared/data/graded_outputs holds outputs with the Qwen2.5-Math harness's verdicts (and a
 SkyThought grader's). Every verdict of ours must equal theirs, except on the cases in
 tests/adjudicated.json, where a person read the output and decided; there ours must equal the
-adjudicated verdict. `python -m eval.agreement` prints the same comparison as a table.
+adjudicated verdict. `python -m limo.eval.agreement` prints the same comparison as a table.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.agreement import GradedOutput, grade_record, load_graded_outputs
+from limo.eval.agreement import GradedOutput, grade_record, load_graded_outputs
 from tests.conftest import shared_path
 
 ADJUDICATED = json.loads((Path(__file__).parent / "adjudicated.json").read_text(encoding="utf-8"))["cases"]

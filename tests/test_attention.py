@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import attention, dispatch, reference
-from model.init import init_weights
+from limo.kernels import attention, dispatch, reference
+from limo.model.init import init_weights
 from tests.conftest import rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +182,7 @@ def fresh_selection(monkeypatch):
 
 
 def test_cpu_selects_reference_and_logs_it(fresh_selection, caplog):
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="limo.kernels"):
         assert dispatch.attention_backend("cpu") == "reference"
     assert "varlen attention on cpu for torch.bfloat16: reference" in caplog.text
 
@@ -222,7 +222,7 @@ def test_unknown_backend_name_lists_the_allowed(fresh_selection):
 
 def test_model_attention_goes_through_varlen_attention(monkeypatch):
     """The model's packed forward calls kernels.varlen_attention once per layer with the stream's bounds."""
-    from model.qwen2 import ModelArgs, build_model
+    from limo.model.qwen2 import ModelArgs, build_model
 
     calls = []
     real = attention.varlen_attention
@@ -231,7 +231,7 @@ def test_model_attention_goes_through_varlen_attention(monkeypatch):
         calls.append((cu_seqlens.tolist(), max_seqlen))
         return real(q, k, v, cu_seqlens, max_seqlen, scale)
 
-    monkeypatch.setattr("kernels.varlen_attention", spy)
+    monkeypatch.setattr("limo.kernels.varlen_attention", spy)
     args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4, num_kv_heads=2)
     model = build_model(args, device="cpu")
     init_weights(model)

@@ -5,13 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-import kernels
+from limo import kernels
 from benchmarks.bench_train_step import SWEEPS
 from benchmarks.harness import kernel_choice
-from kernels import reference
-from kernels.triton_common import interpreting
-from model.init import init_weights
-from model.qwen2 import build_model
+from limo.kernels import reference
+from limo.kernels.triton_common import interpreting
+from limo.model.init import init_weights
+from limo.model.qwen2 import build_model
 
 
 def test_the_liger_swap_reaches_the_model_and_is_undone(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import bench_sampler as bench
-from model.qwen2 import build_model
+from limo.model.qwen2 import build_model
 
 SMOKE = bench.SWEEPS["smoke"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

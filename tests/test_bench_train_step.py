@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from benchmarks import bench_train_step as bench
-from data import lengths
-from model.qwen2 import build_model
+from limo.data import lengths
+from limo.model.qwen2 import build_model
 
 SMOKE = bench.SWEEPS["smoke"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

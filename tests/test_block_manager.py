@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.sampler.block_manager import BlockManager
+from limo.eval.sampler.block_manager import BlockManager
 
 
 class Seq:
@@ -24,7 +24,7 @@ class Seq:
 
 
 def test_runs_without_torch():
-    path = Path(__file__).resolve().parents[1] / "eval" / "sampler" / "block_manager.py"
+    path = Path(__file__).resolve().parents[1] / "limo" / "eval" / "sampler" / "block_manager.py"
     code = (
         "import sys, importlib.util\n"
         "sys.modules['torch'] = None  # any import of torch now fails\n"

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from data.chat import IGNORE, encode
-from data.sources import DataError, Sample
-from data.synthetic import byte_tokenizer
+from limo.data.chat import IGNORE, encode
+from limo.data.sources import DataError, Sample
+from limo.data.synthetic import byte_tokenizer
 from tests.conftest import shared_path
 
 LIMO_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from engine.checkpoint import Checkpointer, CheckpointWriteError, SafeReader
-from engine.integrity import digest_file, share
-from engine.metrics import MetricsLogger, peak_flops_of
-from model.qwen2 import PRESETS, build_model
+from limo.engine.checkpoint import Checkpointer, CheckpointWriteError, SafeReader
+from limo.engine.integrity import digest_file, share
+from limo.engine.metrics import MetricsLogger, peak_flops_of
+from limo.model.qwen2 import PRESETS, build_model
 from tests.conftest import ROOT
 from tests.damage import DAMAGE
 
@@ -192,8 +192,8 @@ def test_a_real_io_error_is_named_though_torch_hides_it(tmp_path):
     it only as 'unexpected pos'."""
     script = (
         "import resource, sys, torch\n"
-        "from engine.checkpoint import Checkpointer\n"
-        "from model.qwen2 import PRESETS, build_model\n"
+        "from limo.engine.checkpoint import Checkpointer\n"
+        "from limo.model.qwen2 import PRESETS, build_model\n"
         "model = build_model(PRESETS['tiny'], device='cpu')\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # Python ignores SIGXFSZ: writes past it raise EFBIG\n"
         "Checkpointer(sys.argv[1], 2, 0).save(1, model, torch.optim.AdamW(model.parameters()), {})\n"

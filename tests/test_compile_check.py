@@ -1,4 +1,4 @@
-"""kernels/compile_check.py: the configurations it compiles, its occupancy arithmetic, and the CI
+"""limo/kernels/compile_check.py: the configurations it compiles, its occupancy arithmetic, and the CI
 comparison against the committed baselines (benchmarks/compare.py)."""
 
 import copy
@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from benchmarks.compare import compare_compile
-from kernels import compile_check as cc
-from kernels import paged_attention as paged
+from limo.kernels import compile_check as cc
+from limo.kernels import paged_attention as paged
 from tests.conftest import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -22,7 +22,7 @@ def compile_in_subprocess(arch: int, kernels: tuple[str, ...], pointers: list[li
     fresh Python without TRITON_INTERPRET (a kernel defined for the interpreter cannot be compiled)."""
     script = f"""
 import dataclasses, json
-from kernels import compile_check as cc
+from limo.kernels import compile_check as cc
 rows = []
 for build, _ in cc.builds({arch}):
     if build.kernel in {list(kernels)!r} and build.config()["pointers"] in {pointers!r}:
@@ -36,7 +36,7 @@ print(json.dumps(rows))
 
 
 def test_shapes_are_the_model_presets():
-    from model.qwen2 import PRESETS
+    from limo.model.qwen2 import PRESETS
 
     table = {name.lower(): (hidden, heads, kv, vocab) for name, hidden, heads, kv, vocab in cc.QWEN25}
     for name in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-32b"):
@@ -48,7 +48,7 @@ def test_shapes_are_the_model_presets():
 def test_sampler_limits_are_the_samplers():
     import inspect
 
-    from eval.sampler.llm import LLM
+    from limo.eval.sampler.llm import LLM
 
     defaults = inspect.signature(LLM.__init__).parameters
     assert defaults["block_size"].default in cc.PAGE_SIZES
@@ -60,11 +60,11 @@ def test_every_triton_kernel_is_compiled():
     import importlib
     import pkgutil
 
-    import kernels
+    from limo import kernels
 
     jitted = set()
     for module in pkgutil.iter_modules(kernels.__path__):
-        for name, obj in vars(importlib.import_module(f"kernels.{module.name}")).items():
+        for name, obj in vars(importlib.import_module(f"limo.kernels.{module.name}")).items():
             if name.endswith("_kernel") and hasattr(obj, "arg_names"):
                 jitted.add(obj)
     for arch in cc.TARGETS:
@@ -161,7 +161,7 @@ def test_committed_baselines_hold_every_configuration_without_spills(arch):
 def test_command_line_compiles_for_ampere_and_refuses_the_interpreter():
     """One kernel's configurations end to end (the full run is `make bench-ci`'s, for both architectures)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kernels.compile_check", "--arch", "80", "--kernel", "cross_entropy", "--json"]
+    command = [sys.executable, "-m", "limo.kernels.compile_check", "--arch", "80", "--kernel", "cross_entropy", "--json"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout)

@@ -1,6 +1,6 @@
 import pytest
 
-from engine.config import Config, ConfigError, describe_keys, load_config
+from limo.engine.config import Config, ConfigError, describe_keys, load_config
 from tests.conftest import ROOT
 
 

@@ -1,4 +1,4 @@
-"""kernels/cross_entropy.py against float64 references and Liger-Kernel, on both per-chunk steps:
+"""limo/kernels/cross_entropy.py against float64 references and Liger-Kernel, on both per-chunk steps:
 the Triton kernel (the interpreter on CPU) and its torch twin (the "torch" backend)."""
 
 import functools
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cross_entropy as CE_MODULE
-from kernels import reference
-from kernels.cross_entropy import (
+from limo import kernels
+from limo.kernels import cross_entropy as CE_MODULE
+from limo.kernels import reference
+from limo.kernels.cross_entropy import (
     CPU_LOGITS_BUDGET_BYTES,
     LOGITS_BUDGET_BYTES,
     chunk_tokens,

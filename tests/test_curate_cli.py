@@ -1,4 +1,4 @@
-"""python -m curate end to end: the output contract, resume and rerun, and the difficulty step
+"""python -m limo.curate end to end: the output contract, resume and rerun, and the difficulty step
 on the demo's tiny model through our sampler, killed mid-way and resumed."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from curate.__main__ import main
-from data.sources import load_records
+from limo.curate.__main__ import main
+from limo.data.sources import load_records
 from tests.conftest import ROOT, shared_path
 
 RICH = ("Perhaps we can factor it. Let me check: since {a} + {b} = {c}, therefore the sum is {c}; "
@@ -61,7 +61,7 @@ def test_the_output_contract(pool, tmp_path, capsys):
         src = originals[row["id"]]
         assert row == src if "question" in src else ({k: row[k] for k in src if k in row} == {k: src[k] for k in src if k in row})
         assert {"question", "solution", "answer"} <= set(row)
-    samples, _ = load_records(str(out / "kept.jsonl"))   # engine/train.py's reader takes it as it is
+    samples, _ = load_records(str(out / "kept.jsonl"))   # limo/engine/train.py's reader takes it as it is
     assert len(samples) == 5
     chat = next((r for r in kept if r["id"] == "C1"), None) or next(r for r in removed if r["id"] == "C1")
     assert chat.get("reason") or (chat["question"] == "How many primes are below 30?" and chat["answer"] == "10")
@@ -110,8 +110,8 @@ def test_difficulty_needs_a_model(pool, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from data.synthetic import byte_tokenizer
-    from model.weights import main as weights_main
+    from limo.data.synthetic import byte_tokenizer
+    from limo.model.weights import main as weights_main
 
     folder = tmp_path_factory.mktemp("tiny")
     assert weights_main(["--preset", "tiny", "--out", str(folder)]) == 0
@@ -129,12 +129,12 @@ def _curate(argv: list[str], crash: bool = False) -> subprocess.CompletedProcess
     far too slow to sample with); `crash`: SIGKILLed once its first batch is on disk."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CURATE_CRASH_AFTER_BATCHES")}
     env |= {"KERNELS_BACKEND": "torch"} | ({"CURATE_CRASH_AFTER_BATCHES": "1"} if crash else {})
-    return subprocess.run([sys.executable, "-m", "curate", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "limo.curate", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
 def test_difficulty_resumes_after_a_kill(tiny_model, tmp_path):
-    from data.synthetic import problems
+    from limo.data.synthetic import problems
 
     pool_file = tmp_path / "pool.jsonl"
     pool_file.write_text("".join(json.dumps(r) + "\n" for r in problems(5, seed=3)), encoding="utf-8")
@@ -158,5 +158,5 @@ def test_difficulty_resumes_after_a_kill(tiny_model, tmp_path):
 
 
 def test_the_old_name_points_to_the_command():
-    proc = subprocess.run([sys.executable, "-m", "data.curate", "--pool", "x.jsonl"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "curation is `python -m curate` (the same options" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "limo.data.curate", "--pool", "x.jsonl"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "curation is `python -m limo.curate` (the same options" in proc.stderr

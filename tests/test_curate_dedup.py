@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from curate.decontaminate import _QUESTION_KEYS, remove_contaminated
-from curate.dedup import remove_duplicates
-from curate.text import canonical, tokens
+from limo.curate.decontaminate import _QUESTION_KEYS, remove_contaminated
+from limo.curate.dedup import remove_duplicates
+from limo.curate.text import canonical, tokens
 from tests.conftest import shared_path
 
 

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from curate.difficulty import draw_and_grade, filter_by_band, parse_band
-from curate.score import DEFAULT_WEIGHTS, parse_weights, percentiles, score_chains, traits
-from curate.select import select_top
-from eval.generators import Completion
+from limo.curate.difficulty import draw_and_grade, filter_by_band, parse_band
+from limo.curate.score import DEFAULT_WEIGHTS, parse_weights, percentiles, score_chains, traits
+from limo.curate.select import select_top
+from limo.eval.generators import Completion
 
 
 def _env(uid: str, question: str = "q", chain: str = r"so \boxed{1}", answer: str | None = "1", source: str = "a.jsonl") -> dict:

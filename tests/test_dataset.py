@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from data import synthetic
-from data.chat import IGNORE, encode
-from data.dataset import EncodedSample, load_samples, resolve_tokenizer
-from data.sources import DataError
-from engine.config import DataConfig
+from limo.data import synthetic
+from limo.data.chat import IGNORE, encode
+from limo.data.dataset import EncodedSample, load_samples, resolve_tokenizer
+from limo.data.sources import DataError
+from limo.engine.config import DataConfig
 
 
 def _write(path, solutions):

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from data.chat import encode
-from data.suites import Benchmark, Problem, records_benchmark
-from eval.generators import Completion, LLMGenerator, Request
-from eval.grading import pass_at_k
-from eval.results import load_results
-from eval.run import LIMO_SYSTEM_PROMPT, evaluate, main, sample_seed
+from limo.data.chat import encode
+from limo.data.suites import Benchmark, Problem, records_benchmark
+from limo.eval.generators import Completion, LLMGenerator, Request
+from limo.eval.grading import pass_at_k
+from limo.eval.results import load_results
+from limo.eval.run import LIMO_SYSTEM_PROMPT, evaluate, main, sample_seed
 from tests.conftest import shared_path
 
 # Which samples the fake model gets right: problem id -> sample indices.
@@ -118,7 +118,7 @@ def test_model_fingerprint_follows_the_weights_not_the_writes(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from model.fingerprint import model_fingerprint
+    from limo.model.fingerprint import model_fingerprint
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -133,7 +133,7 @@ def test_model_fingerprint_follows_the_weights_not_the_writes(tmp_path):
 
 
 def test_a_grader_failure_costs_one_verdict_not_the_batch(tmp_path, monkeypatch):
-    import eval.grading as grading
+    import limo.eval.grading as grading
 
     real = grading.is_equivalent
 
@@ -160,7 +160,7 @@ def test_summaries_of_earlier_benchmarks_in_the_folder_stay(tmp_path):
 
 
 def test_context_len_stays_within_the_trained_positions(tmp_path):
-    from eval.run import context_len
+    from limo.eval.run import context_len
 
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 32768}')
     assert context_len(tmp_path, 32768) == 32768 and context_len(tmp_path, 512) == 4608
@@ -329,11 +329,11 @@ def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp
     from the RAM that happens to be free, and it is not touched until used."""
     import torch
 
-    from eval.sampler import LLM
-    from eval.sampler.runner import CPU_KV_CACHE_GIB
-    from model.init import init_weights
-    from model.qwen2 import PRESETS, build_model
-    from model.weights import save_pretrained
+    from limo.eval.sampler import LLM
+    from limo.eval.sampler.runner import CPU_KV_CACHE_GIB
+    from limo.model.init import init_weights
+    from limo.model.qwen2 import PRESETS, build_model
+    from limo.model.weights import save_pretrained
 
     torch.manual_seed(0)
     model = build_model(PRESETS["tiny"], device="cpu")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from engine.export import export_hf
-from model.qwen2 import PRESETS, build_model
-from model.weights import WeightsError, write_hf
+from limo.engine.export import export_hf
+from limo.model.qwen2 import PRESETS, build_model
+from limo.model.weights import WeightsError, write_hf
 
 
 def _tiny():
@@ -28,7 +28,7 @@ def test_an_export_with_a_non_finite_weight_is_refused_naming_the_tensor(tmp_pat
 
 
 def test_an_evaluation_of_a_non_finite_export_is_refused_naming_the_tensor(tmp_path):
-    from eval.sampler import LLM
+    from limo.eval.sampler import LLM
 
     model = _tiny()
     with torch.no_grad():

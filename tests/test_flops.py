@@ -1,5 +1,5 @@
-"""model/flops.py, the one FLOP formula, against a count of every matmul of the architecture made
-here by hand (integers: exact), and tools/dtypes.py, the one dtype table."""
+"""limo/model/flops.py, the one FLOP formula, against a count of every matmul of the architecture made
+here by hand (integers: exact), and limo/tools/dtypes.py, the one dtype table."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.flops import flop_coefficients, forward_flops, head_flops, layer_flops, step_flops, step_flops_torchtitan
-from model.qwen2 import PRESETS, ModelArgs
-from tools.dtypes import DTYPES, SHORT_NAMES, dtype_of
+from limo.model.flops import flop_coefficients, forward_flops, head_flops, layer_flops, step_flops, step_flops_torchtitan
+from limo.model.qwen2 import PRESETS, ModelArgs
+from limo.tools.dtypes import DTYPES, SHORT_NAMES, dtype_of
 
 ODD = ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=72, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=10)
 

@@ -11,8 +11,8 @@ from math import comb
 
 import pytest
 
-from eval.grading import choice_letter, extract_answer, grade, is_equivalent, pass_at_k
-from eval.normalize import parse_number
+from limo.eval.grading import choice_letter, extract_answer, grade, is_equivalent, pass_at_k
+from limo.eval.normalize import parse_number
 from tests.conftest import ROOT
 
 # ------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ NOT_EQUIVALENT = [
 ]
 
 
-# Answers that are relations, not values (eval/relations.py), and the forms around them.
+# Answers that are relations, not values (limo/eval/relations.py), and the forms around them.
 RELATIONS_EQUIVALENT = [
     ("2x+4y-3=0", r"y=-\frac{1}{2}x+\frac{3}{4}"),          # a line solved for y: any rescaling
     (r"y=-\frac{1}{2}x+\frac{3}{4}", "2x+4y-3=0"),
@@ -206,7 +206,7 @@ def test_bad_gold_names_its_type(gold):
 
 def test_the_grading_process_never_imports_sympy():
     """sympy and math-verify live in the workers; torch only comes with a generator that needs it."""
-    code = "import sys, eval.grading, eval.run; print(sorted(m for m in ('sympy', 'math_verify', 'torch') if m in sys.modules))"
+    code = "import sys, limo.eval.grading, limo.eval.run; print(sorted(m for m in ('sympy', 'math_verify', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -315,11 +315,11 @@ def test_pathological_input_is_false_within_the_limit_off_the_main_thread(pred, 
 
 
 def test_worker_failures_raise_instead_of_grading_false():
-    from data.suites import load_benchmark
-    from eval.equivalence import equivalent
-    from eval.timelimit import WorkerError, WorkerPool
+    from limo.data.suites import load_benchmark
+    from limo.eval.equivalence import equivalent
+    from limo.eval.timelimit import WorkerError, WorkerPool
 
-    broken = WorkerPool(preload=("eval.no_such_module",))
+    broken = WorkerPool(preload=("limo.eval.no_such_module",))
     with pytest.raises(RuntimeError, match="did not start"):
         broken.call(equivalent, ("1", "1"), 5.0)
     pool = WorkerPool()
@@ -334,7 +334,7 @@ def test_pool_bounds_its_workers_and_a_wait_is_not_charged(monkeypatch):
     costs seconds of imports), and the time spent queueing does not count against the limit."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from eval import timelimit
+    from limo.eval import timelimit
 
     started = []
     real = timelimit._Worker

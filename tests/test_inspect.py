@@ -1,14 +1,14 @@
-"""`python -m data.inspect`: its figures recomputed from what the loader actually hands out."""
+"""`python -m limo.data.inspect`: its figures recomputed from what the loader actually hands out."""
 
 import re
 
 import pytest
 
-from data import inspect as data_inspect
-from data import synthetic
-from data.dataset import load_samples, resolve_tokenizer
-from data.loader import PackedLoader
-from engine.config import DataConfig
+from limo.data import inspect as data_inspect
+from limo.data import synthetic
+from limo.data.dataset import load_samples, resolve_tokenizer
+from limo.data.loader import PackedLoader
+from limo.engine.config import DataConfig
 
 
 def test_inspect_reports_what_training_will_see(capsys):
@@ -34,10 +34,10 @@ def test_inspect_reports_what_training_will_see(capsys):
 
 def test_inspect_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
-    with pytest.raises(SystemExit, match=f"python -m data.inspect: data.tokenizer='{tmp_path / 'none'}' is not a folder"):
+    with pytest.raises(SystemExit, match=f"python -m limo.data.inspect: data.tokenizer='{tmp_path / 'none'}' is not a folder"):
         data_inspect.main(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "none")])
     synthetic.byte_tokenizer().save_pretrained(str(tmp_path / "tok"))
-    with pytest.raises(SystemExit, match=f"python -m data.inspect: {tmp_path / 'bad.jsonl'}:1: field 'solution' is missing"):
+    with pytest.raises(SystemExit, match=f"python -m limo.data.inspect: {tmp_path / 'bad.jsonl'}:1: field 'solution' is missing"):
         data_inspect.main(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "tok")])
     with pytest.raises(SystemExit, match="--tokens-per-microbatch=100 is smaller than --max-tokens=200"):
         data_inspect.main(["--data", "synthetic", "--max-tokens", "200", "--tokens-per-microbatch", "100"])

@@ -1,13 +1,13 @@
-"""Backend selection in kernels/dispatch.py: explicit, decided once, logged, never a silent fallback; fake tensors take their device's path."""
+"""Backend selection in limo/kernels/dispatch.py: explicit, decided once, logged, never a silent fallback; fake tensors take their device's path."""
 
 import logging
 
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch, reference
-from kernels.triton_common import interpreting
+from limo import kernels
+from limo.kernels import dispatch, reference
+from limo.kernels.triton_common import interpreting
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def test_auto_picks_triton_where_it_runs():
 
 def test_auto_without_the_interpreter_uses_torch_on_cpu_and_says_why(monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="limo.kernels"):
         kernels.set_backend("auto")
         assert kernels.backend("cpu") == "torch"
         kernels.backend("cpu")
@@ -75,7 +75,7 @@ def test_triton_backend_runs_our_ops():
 
 def test_environment_overrides_the_config(monkeypatch, caplog):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="limo.kernels"):
         assert kernels.set_backend("triton") == "torch"
     assert any("(KERNELS_BACKEND=torch)" in r.getMessage() for r in caplog.records)
 
@@ -116,7 +116,7 @@ def test_no_name_is_both_a_submodule_and_a_function():
 
     names = [m.name for m in pkgutil.iter_modules(kernels.__path__)]
     for name in names:
-        importlib.import_module(f"kernels.{name}")  # importing must not rebind a function's name
+        importlib.import_module(f"limo.kernels.{name}")  # importing must not rebind a function's name
     for name in names:
         assert isinstance(getattr(kernels, name), types.ModuleType), name
     for name in kernels.__all__:
@@ -129,7 +129,7 @@ def test_fake_cuda_tensors_resolve_to_the_gpu_path_without_running(caplog):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     kernels.set_backend("auto")
-    with caplog.at_level(logging.INFO, logger="kernels"), FakeTensorMode():
+    with caplog.at_level(logging.INFO, logger="limo.kernels"), FakeTensorMode():
         x = torch.empty(4, 8, device="cuda")
         assert dispatch.kernel_backend(x) == "triton"
         assert dispatch.attention_backend(x.device.type, torch.bfloat16) in ("flash", "torch_varlen")

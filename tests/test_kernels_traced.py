@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-from kernels import dispatch
-from model.qwen2 import PRESETS, DecoderLayer, LMHead, ModelArgs, Qwen2, VarlenContext, rotary_cos_sin
+from limo import kernels
+from limo.kernels import dispatch
+from limo.model.qwen2 import PRESETS, DecoderLayer, LMHead, ModelArgs, Qwen2, VarlenContext, rotary_cos_sin
 from tests.conftest import rel_err
 from tests.fake_gpu import fake_gpu
 

@@ -1,10 +1,10 @@
-"""data/lengths.py: the committed long-CoT lengths are what the script derives from ../shared."""
+"""limo/data/lengths.py: the committed long-CoT lengths are what the script derives from ../shared."""
 
 import json
 
 import pytest
 
-from data import lengths
+from limo.data import lengths
 from tests.conftest import shared_path
 
 

@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from data.chat import IGNORE
-from data.dataset import EncodedSample, load_samples
-from data.loader import PackedLoader
-from engine.config import DataConfig
+from limo.data.chat import IGNORE
+from limo.data.dataset import EncodedSample, load_samples
+from limo.data.loader import PackedLoader
+from limo.engine.config import DataConfig
 from tests.conftest import shared_path
 
 

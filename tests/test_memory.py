@@ -1,5 +1,5 @@
 """The memory planner: its activation model against saved-tensor hooks, its arithmetic, its CLI, and
-real CPU runs of engine/train.py held to it."""
+real CPU runs of limo/engine/train.py held to it."""
 
 import json
 import os
@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-import kernels
+from limo import kernels
 from benchmarks.regression import activation_bytes_per_token_layer
-from engine.config import load_config
-from engine.memory import H100_80GB_GIB, ExecutionPath, layer_activation_bytes_per_token, plan_memory
-from model.qwen2 import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin
+from limo.engine.config import load_config
+from limo.engine.memory import H100_80GB_GIB, ExecutionPath, layer_activation_bytes_per_token, plan_memory
+from limo.model.qwen2 import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin
 from tests.conftest import ROOT
 
 
@@ -85,7 +85,7 @@ def test_static_state_scales_with_the_shard_count():
 
 def test_command_line_json(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "engine.memory", "--config", "configs/limo_qwen2.5_32b_8xh100.toml", "--json",
+        [sys.executable, "-m", "limo.engine.memory", "--config", "configs/limo_qwen2.5_32b_8xh100.toml", "--json",
          "--model.path=none", "--model.preset=qwen2.5-32b"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
@@ -93,20 +93,20 @@ def test_command_line_json(tmp_path):
     assert {"peak_gib", "capacity_gib", "fits", "moment", "breakdown", "path", "config_source"} <= set(plan)
     assert plan["fits"] is True and sum(plan["breakdown"].values()) == pytest.approx(plan["peak_gib"])
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}  # no network, no cache
-    out = subprocess.run([sys.executable, "-m", "engine.memory", "--config", "configs/limo_qwen2.5_32b_8xh100.toml", "--json"],
+    out = subprocess.run([sys.executable, "-m", "limo.engine.memory", "--config", "configs/limo_qwen2.5_32b_8xh100.toml", "--json"],
                          cwd=ROOT, env=offline, capture_output=True, text=True, check=True)
     plan = json.loads(out.stdout)
     assert plan["fits"] and "built-in config of Qwen/Qwen2.5-32B-Instruct" in plan["config_source"]
-    unknown = subprocess.run([sys.executable, "-m", "engine.memory", "--config", "configs/demo.toml", "--model.path=someone/unknown"],
+    unknown = subprocess.run([sys.executable, "-m", "limo.engine.memory", "--config", "configs/demo.toml", "--model.path=someone/unknown"],
                              cwd=ROOT, env=offline, capture_output=True, text=True)
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "--model.preset=" in unknown.stderr
-    bad = subprocess.run([sys.executable, "-m", "engine.memory", "--config", "configs/demo.toml", "--train.dtype=fp8"],
+    bad = subprocess.run([sys.executable, "-m", "limo.engine.memory", "--config", "configs/demo.toml", "--train.dtype=fp8"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "train.dtype = 'fp8' is not one of" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan held to real CPU runs of engine/train.py
+# The plan held to real CPU runs of limo/engine/train.py
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def qwen_vocab_folder(tmp_path_factory):
     (2 layers, hidden 64), and a LIMO-format .jsonl of ~430-token samples in that tokenizer."""
     import shutil
 
-    from data import synthetic
+    from limo.data import synthetic
     from tests.conftest import random_hf_qwen2, shared_path
 
     root = tmp_path_factory.mktemp("qwen-vocab")
@@ -142,7 +142,7 @@ def test_a_152k_vocab_cpu_run_stays_small_and_the_plan_holds(qwen_vocab_folder, 
     memory.json beside the measurement."""
     folder, data = qwen_vocab_folder
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "engine/train.py", "--config",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "limo/engine/train.py", "--config",
            "configs/demo.toml", f"--model.path={folder}", f"--data.path={data}", "--data.max_tokens=1024", "--data.samples_per_step=16", "--train.max_steps=2",
            "--eval.benchmarks=", "--checkpoint.export_hf=false", f"--train.output_dir={out}", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS_BACKEND": "torch"}

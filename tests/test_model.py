@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from model.init import init_weights
-from model.qwen2 import PRESETS, ArchitectureError, ModelArgs, build_model, positions_from_cu_seqlens
+from limo.model.init import init_weights
+from limo.model.qwen2 import PRESETS, ArchitectureError, ModelArgs, build_model, positions_from_cu_seqlens
 from tests.conftest import ours_from_hf, random_hf_qwen2, rel_err, shared_path
 
 CONFIGS = {
@@ -59,7 +59,7 @@ def test_gradients_match_transformers():
     hf_logits = hf(ids[None]).logits[0]
     torch.nn.functional.cross_entropy(hf_logits, labels, reduction="sum").backward()
     ours(ids, labels=labels).backward()
-    from model.weights import hf_name
+    from limo.model.weights import hf_name
 
     theirs = dict(hf.named_parameters())
     for name, p in ours.named_parameters():

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from engine.config import OptimConfig
-from engine.optim import AdamWLowPrecisionState, build_optimizer, lr_lambda, param_groups
-from model.qwen2 import PRESETS, build_model
+from limo.engine.config import OptimConfig
+from limo.engine.optim import AdamWLowPrecisionState, build_optimizer, lr_lambda, param_groups
+from limo.model.qwen2 import PRESETS, build_model
 
 
 def test_no_weight_decay_on_norms_and_biases():

@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from data.chat import IGNORE
-from data.dataset import EncodedSample
-from data.packing import CostModel, build_step, dummy, pack, plan
-from model.qwen2 import PRESETS, ModelArgs, build_model
+from limo.data.chat import IGNORE
+from limo.data.dataset import EncodedSample
+from limo.data.packing import CostModel, build_step, dummy, pack, plan
+from limo.model.qwen2 import PRESETS, ModelArgs, build_model
 from tests.conftest import rel_err
 
 VOCAB = 203

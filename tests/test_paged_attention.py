@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import paged_attention as pa
-from kernels import reference
+from limo import kernels
+from limo.kernels import paged_attention as pa
+from limo.kernels import reference
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

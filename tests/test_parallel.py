@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ParallelConfig
-from engine.distributed import init_distributed
-from engine.sharding import parallelize
-from model.init import materialize
-from model.qwen2 import PRESETS, ModelArgs, build_model, clean_name
-from model.weights import HFCheckpoint, load_pretrained
+from limo.engine.config import ParallelConfig
+from limo.engine.distributed import init_distributed
+from limo.engine.sharding import parallelize
+from limo.model.init import materialize
+from limo.model.qwen2 import PRESETS, ModelArgs, build_model, clean_name
+from limo.model.weights import HFCheckpoint, load_pretrained
 from tests import distributed
 from tests.conftest import random_hf_qwen2, rel_err
 

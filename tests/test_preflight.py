@@ -1,4 +1,4 @@
-"""What engine/preflight.py refuses before any process group exists: paths, benchmarks, and a
+"""What limo/engine/preflight.py refuses before any process group exists: paths, benchmarks, and a
 resume whose optimizer or schedule settings differ from its checkpoint's. (The exit code 2 of
 train.py is tested end to end in test_recovery.py.)"""
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.config import ConfigError, load_config, resume_settings
-from engine.preflight import preflight
+from limo.engine.config import ConfigError, load_config, resume_settings
+from limo.engine.preflight import preflight
 from tests.conftest import ROOT, shared_path
 
 
@@ -52,7 +52,7 @@ def test_a_model_folder_without_config_json_is_refused(tmp_path):
 
 def test_hub_ids_existing_paths_and_known_benchmarks_pass(tmp_path, monkeypatch):
     """Offline, a known Qwen2.5 model id passes on its built-in config; a data hub id on its shape."""
-    from model.qwen2 import PRESETS
+    from limo.model.qwen2 import PRESETS
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))

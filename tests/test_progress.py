@@ -2,8 +2,8 @@
 
 import io
 
-from tools import progress
-from tools.progress import progress_bar
+from limo.tools import progress
+from limo.tools.progress import progress_bar
 
 
 def test_a_bar_written_to_a_file_prints_whole_lines_at_an_interval(monkeypatch):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from benchmarks import project
-from model.qwen2 import PRESETS, build_model
+from limo.model.qwen2 import PRESETS, build_model
 
 ARGS = PRESETS["qwen2.5-32b"]
 L = 16384

@@ -1,4 +1,4 @@
-"""Recovery end to end: engine/train.py on 1 and 2 CPU ranks (torchrun + gloo), the tiny model of
+"""Recovery end to end: limo/engine/train.py on 1 and 2 CPU ranks (torchrun + gloo), the tiny model of
 test_train.py, saving every step.
 
 Each reference is an uninterrupted 8-step run. Each test damages a copy of its folder the way
@@ -81,7 +81,7 @@ def test_a_full_disk_fails_a_save_with_one_message_and_the_rerun_finishes_the_ru
 
 def _train_py(out: Path, *args: str) -> subprocess.CompletedProcess:
     """train.py as a plain process (a world of one): what it does before any process group."""
-    cmd = [sys.executable, "engine/train.py", "--config", "configs/demo.toml", *SMALL, *RUN, f"--train.output_dir={out}", *args]
+    cmd = [sys.executable, "limo/engine/train.py", "--config", "configs/demo.toml", *SMALL, *RUN, f"--train.output_dir={out}", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
 
 

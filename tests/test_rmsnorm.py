@@ -1,11 +1,11 @@
-"""kernels/norm.py (Triton ops; the interpreter on CPU) against float64 references: values and every gradient."""
+"""limo/kernels/norm.py (Triton ops; the interpreter on CPU) against float64 references: values and every gradient."""
 
 import pytest
 import torch
 
-import kernels
-from kernels import norm, reference
-from kernels.norm import MAX_WIDTH, rmsnorm, rmsnorm_bwd, rmsnorm_fwd
+from limo import kernels
+from limo.kernels import norm, reference
+from limo.kernels.norm import MAX_WIDTH, rmsnorm, rmsnorm_bwd, rmsnorm_fwd
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,7 +227,7 @@ def test_fake_tensors_give_shapes_and_gradients_without_running(residual):
 
 def test_kernels_build_for_hopper_with_16_byte_accesses_and_no_spills():
     """No GPU needed: Triton's own ptxas compiles both kernels for sm_90 at every tile the host
-    picks for bf16 rows of Qwen2.5's widths (kernels/compile_check.py's configurations)."""
+    picks for bf16 rows of Qwen2.5's widths (limo/kernels/compile_check.py's configurations)."""
     from tests.test_compile_check import compile_in_subprocess
 
     rows = compile_in_subprocess(90, ("rmsnorm_fwd", "rmsnorm_bwd"), pointers=[["bf16", "fp32"]])

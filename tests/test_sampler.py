@@ -14,15 +14,15 @@ import shutil
 import pytest
 import torch
 
-from eval.sampler import LLM, Output, SamplingParams
-from eval.sampler.block_manager import BlockManager
-from eval.sampler.sequence import Sequence
-from kernels import reference
+from limo.eval.sampler import LLM, Output, SamplingParams
+from limo.eval.sampler.block_manager import BlockManager
+from limo.eval.sampler.sequence import Sequence
+from limo.kernels import reference
 from tests.conftest import random_hf_qwen2, rel_err, shared_path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODEL = dict(num_key_value_heads=1)  # 6 query heads on 1 KV head: grouped-query attention, and few interpreter programs
-paged_attention = importlib.import_module("kernels.paged_attention")  # the module, even if kernels re-exports a function of that name
+paged_attention = importlib.import_module("limo.kernels.paged_attention")  # the module, even if kernels re-exports a function of that name
 
 
 @pytest.fixture(scope="module")

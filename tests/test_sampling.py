@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from eval.sampler.sampling import M32, Sampler, mix32, noise_key, top_k_top_p
-from eval.sampler.sequence import SamplingParams
+from limo.eval.sampler.sampling import M32, Sampler, mix32, noise_key, top_k_top_p
+from limo.eval.sampler.sequence import SamplingParams
 
 LOGITS = torch.tensor([2.0, 1.5, 0.3, -0.4, 1.0, -2.0])
 
@@ -119,7 +119,7 @@ def test_sampling_params_normalise_stop():
 
 
 def test_batched_noise_keys_equal_the_scalar_hash():
-    from eval.sampler.sampling import noise_keys
+    from limo.eval.sampler.sampling import noise_keys
 
     seeds = [0, 1, 2**32 - 1, 2**32, 2**40 + 7, 2**63 + 5, 2**64 - 1]
     rows = [(seed, j, pos) for seed in seeds for j in (0, 3, 2**31) for pos in (0, 1, 37, 2**31 + 9)]

@@ -10,10 +10,10 @@ running each sample alone.
 
 import pytest
 
-from eval.sampler.block_manager import BlockManager
-from eval.sampler.scheduler import Scheduler
-from eval.sampler.sequence import SamplingParams, Sequence, Status
-from eval.sampler.stopping import StopChecker
+from limo.eval.sampler.block_manager import BlockManager
+from limo.eval.sampler.scheduler import Scheduler
+from limo.eval.sampler.sequence import SamplingParams, Sequence, Status
+from limo.eval.sampler.stopping import StopChecker
 
 VOCAB, EOS = 50, 0
 

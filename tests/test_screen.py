@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from eval.normalize import normalize
-from eval.screen import clearly_different
+from limo.eval.normalize import normalize
+from limo.eval.screen import clearly_different
 
 DIFFERENT = [
     (r"\sqrt{3}", "2"),
@@ -61,7 +61,7 @@ NOT_SHOWN_DIFFERENT = [
 
 @pytest.mark.parametrize("pred, gold", DIFFERENT)
 def test_screen_rejects_clearly_different_and_sympy_agrees(pred, gold):
-    from eval.symbolic import symbolic_equal
+    from limo.eval.symbolic import symbolic_equal
 
     p, g = normalize(pred), normalize(gold)
     assert clearly_different(p, g) and clearly_different(g, p)

@@ -1,4 +1,4 @@
-"""engine/simulate.py: the real training step of a full-size model on fake tensors over a fake
+"""limo/engine/simulate.py: the real training step of a full-size model on fake tensors over a fake
 process group, and the memory planner held to it."""
 
 import json
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from engine.config import load_config
-from engine.simulate import simulate
-from model.qwen2 import ModelArgs
+from limo.engine.config import load_config
+from limo.engine.simulate import simulate
+from limo.model.qwen2 import ModelArgs
 from tests.conftest import ROOT
 
 
@@ -65,12 +65,12 @@ def test_collectives_are_counted_by_the_bytes_fsdp_moves(tmp_path):
 
 
 def test_the_command_line_prints_one_json_object_and_names_bad_input():
-    out = subprocess.run([sys.executable, "-m", "engine.simulate", "--config", "configs/demo.toml", "--world-size", "2", "--json"],
+    out = subprocess.run([sys.executable, "-m", "limo.engine.simulate", "--config", "configs/demo.toml", "--world-size", "2", "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     keys = {"peak_gib", "planned_gib", "breakdown", "peak_module", "collectives", "world_size", "num_layers", "seconds"}
     assert keys <= set(result) and result["world_size"] == 2 and result["num_layers"] == 4
-    bad = subprocess.run([sys.executable, "-m", "engine.simulate", "--config", "configs/demo.toml", "--world-size", "3",
+    bad = subprocess.run([sys.executable, "-m", "limo.engine.simulate", "--config", "configs/demo.toml", "--world-size", "3",
                           "--parallel.dp_replicate=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "parallel.dp_replicate=2 does not divide the world size 3" in bad.stderr

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from data.sources import DataError, load_records
+from limo.data.sources import DataError, load_records
 
 LIMO = [
     {"question": "What is 2 + 3?", "solution": "2 + 3 = 5.\n\\boxed{5}", "answer": "5"},

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from data.suites import SUITE, RecordError, gpqa_shuffle, load_benchmark, records_benchmark
+from limo.data.suites import SUITE, RecordError, gpqa_shuffle, load_benchmark, records_benchmark
 from tests.conftest import shared_path
 
 COUNTS = {"aime24": 30, "amc23": 40, "math500": 500, "olympiadbench": 675, "gpqa": 198, "minerva": 272, "chmath": 30,

@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from data import synthetic
-from data.chat import encode
-from data.sources import load_records
-from model.qwen2 import PRESETS
+from limo.data import synthetic
+from limo.data.chat import encode
+from limo.data.sources import load_records
+from limo.model.qwen2 import PRESETS
 
 QUESTION = re.compile(r"^Compute (\d+) ([-+*]) (\d+)\.$")
 ADD_OR_MUL = re.compile(r"^(\d+) ([+*]) (\d+) \+ (\d+) = (\d+): write (\d), carry (\d+)\.$")

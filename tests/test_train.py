@@ -1,4 +1,4 @@
-"""engine/train.py end to end on CPU processes (torchrun + gloo): the equivalences the engine promises.
+"""limo/engine/train.py end to end on CPU processes (torchrun + gloo): the equivalences the engine promises.
 
 Every run is the demo recipe made small: 96 synthetic samples, 16 per step, 6 steps. The
 equivalence runs use the torch kernels (Triton's interpreter costs ~4 s a step here); one run
@@ -30,7 +30,7 @@ def train(out: Path, nproc: int = 2, *extra: str, crash_at: str | None = None, c
     env.pop("ENGINE_CRASH_AT", None)
     if crash_at:
         env["ENGINE_CRASH_AT"] = crash_at
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "engine/train.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "limo/engine/train.py",
            "--config", "configs/demo.toml", *SMALL, f"--train.output_dir={out}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -64,9 +64,9 @@ def test_the_planners_checkpoint_size_is_what_a_save_writes(reference):
     """The size the run checks free space against (engine.memory.checkpoint_bytes: fp32 weights
     and both AdamW moments) against the bytes of a real checkpoint: the tensors, plus DCP's
     metadata, the train state and the RNG files."""
-    from engine.config import load_config
-    from engine.memory import checkpoint_bytes
-    from model.qwen2 import PRESETS
+    from limo.engine.config import load_config
+    from limo.engine.memory import checkpoint_bytes
+    from limo.model.qwen2 import PRESETS
 
     planned = checkpoint_bytes(load_config(ROOT / "configs/demo.toml", SMALL), PRESETS["tiny"])
     written = sum(f.stat().st_size for f in (reference / "checkpoints" / "step-00000006").rglob("*") if f.is_file())
@@ -121,7 +121,7 @@ def test_resume_with_the_recipes_bf16_moments_and_weight_decay(tmp_path):
     assert train(out, 1, *recipe, crash_at="step:3", check=False).returncode != 0
     train(out, 1, *recipe)
     assert losses(out) == losses(tmp_path / "straight")
-    from engine.checkpoint import SafeReader
+    from limo.engine.checkpoint import SafeReader
 
     metadata = SafeReader(str(out / "checkpoints" / "step-00000006")).read_metadata()
     moments = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items() if "exp_avg" in k}
@@ -142,7 +142,7 @@ def test_export_loads_in_transformers_with_the_checkpoints_logits(reference):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
-    from model.qwen2 import PRESETS, build_model
+    from limo.model.qwen2 import PRESETS, build_model
 
     ours = build_model(PRESETS["tiny"], device="cpu")
     state = {"model": ours.state_dict()}
@@ -163,10 +163,10 @@ def test_fine_tuning_an_hf_folder_on_limo_jsonl_starts_from_transformers_loss(tm
     import torch.nn.functional as F
     from transformers import AutoTokenizer
 
-    from data import synthetic
-    from data.dataset import load_samples
-    from data.loader import PackedLoader
-    from engine.config import load_config
+    from limo.data import synthetic
+    from limo.data.dataset import load_samples
+    from limo.data.loader import PackedLoader
+    from limo.engine.config import load_config
     from tests.conftest import random_hf_qwen2
 
     folder, data = tmp_path / "qwen-small", tmp_path / "limo.jsonl"
@@ -224,25 +224,25 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path):
     (["--parallel.activation_checkpointing=some"], "is not one of 'none', 'full', 'selective'"),
 ])
 def test_bad_config_fails_before_any_process_group(args, message):
-    proc = subprocess.run([sys.executable, "engine/train.py", "--config", "configs/demo.toml", *args],
+    proc = subprocess.run([sys.executable, "limo/engine/train.py", "--config", "configs/demo.toml", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr
     assert "init_process_group" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_run_ends_by_evaluating_its_export_in_a_process_of_its_own(tmp_path):
-    """train.py hands its export to `python -m eval.run` (a child process: training never imports
+    """train.py hands its export to `python -m limo.eval.run` (a child process: training never imports
     the evaluation), whose results land in output_dir/eval."""
     out = tmp_path / "run"
     proc = train(out, 1, "--train.max_steps=1", "--eval.benchmarks=synthetic", "--eval.limit=3", "--eval.max_tokens=8")
-    assert "-m eval.run --model" in proc.stderr
+    assert "-m limo.eval.run --model" in proc.stderr
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert [(s["benchmark"], s["problems"]) for s in summary] == [("synthetic", 3)]
     assert json.loads((out / "eval" / "config.json").read_text())["max_tokens"] == 8
 
 
 def test_help_lists_the_command_line_contract():
-    proc = subprocess.run([sys.executable, "engine/train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "limo/engine/train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     for key in ("--model.path", "--model.preset", "--data.path", "--train.output_dir", "--train.max_steps", "--train.seed",
                 "--train.dtype", "--checkpoint.every_steps"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from model.qwen2 import ArchitectureError
-from model.weights import HFCheckpoint, WeightsError, iter_state, load_pretrained, save_pretrained, write_hf
+from limo.model.qwen2 import ArchitectureError
+from limo.model.weights import HFCheckpoint, WeightsError, iter_state, load_pretrained, save_pretrained, write_hf
 from tests.conftest import random_hf_qwen2, rel_err
 
 
@@ -118,7 +118,7 @@ def _save(hf, path):
 
 
 def test_model_dirs_resolve_locally_and_bad_names_are_named(tmp_path):
-    from model.weights import resolve_model_dir
+    from limo.model.weights import resolve_model_dir
 
     assert resolve_model_dir(tmp_path) == tmp_path
     for bad in (str(tmp_path / "missing"), "a/b/c", "./relative"):
@@ -162,7 +162,7 @@ def test_export_holds_one_shard_at_a_time_and_keeps_the_generation_config(tmp_pa
 @pytest.mark.parametrize("size", ["0.5b", "1.5b", "7b", "32b"])
 def test_built_in_configs_equal_the_real_qwen25_configs(size):
     """The architectures planned offline are the ones in the models' own config.json files."""
-    from model.qwen2 import HUB_PRESETS, PRESETS, ModelArgs
+    from limo.model.qwen2 import HUB_PRESETS, PRESETS, ModelArgs
     from tests.conftest import shared_path
 
     real = json.loads(shared_path("data", "model_configs", f"qwen2.5-{size}-instruct.json").read_text())
@@ -173,9 +173,9 @@ def test_built_in_configs_equal_the_real_qwen25_configs(size):
 def test_model_args_without_network_use_the_built_in_config_and_say_so(tmp_path, monkeypatch):
     """A known hub id resolves to its built-in config when neither the hub nor its cache answers;
     an unknown one is one line naming what to pass instead."""
-    from engine.config import load_config
-    from model.qwen2 import PRESETS
-    from model.weights import model_args
+    from limo.engine.config import load_config
+    from limo.model.qwen2 import PRESETS
+    from limo.model.weights import model_args
     from tests.conftest import ROOT
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,0 @@
-"""Training: config, process groups and the FSDP2 plan, optimizer, the step and its loop,
-checkpoints, export, metrics, the memory plan and the simulated step. The model and its weights
-live in model/; the data pipeline in data/. Training's evaluation runs `python -m eval.run` in a
-child process: nothing here imports eval/."""

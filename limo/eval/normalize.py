@@ -1,0 +1,237 @@
+"""Answer text -> a canonical string, and exact numbers out of plain numeric literals.
+
+Everything here is linear-time string work (no sympy, no eval), so it is safe to run on any
+model output in the caller's process; the symbolic checks live in limo/eval/symbolic.py behind a
+time limit. Two levels of canonical form:
+  normalize(s): LaTeX cleaned for parsing (spaces kept between tokens, so `\\pi r` survives);
+  key(s):       normalize(s) with every space removed and text case-folded, for string equality.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+# Characters a model writes in unicode that mean a LaTeX command (or plain ASCII).
+# A relative tolerance for rounded quantities, as LIMO's protocol and the Qwen2.5-Math harness use.
+REL_TOL = Fraction(1, 10_000)
+
+_UNICODE = {
+    "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
+    "\u221a": "\\sqrt", "\u03c0": "\\pi ", "\u221e": "\\infty ", "\u2264": "\\leq ", "\u2265": "\\geq ",
+    "\u2260": "\\neq ", "\u00b1": "\\pm ", "\u222a": "\\cup ", "\u2229": "\\cap ", "\u00b0": "^\\circ",
+    "\uff0c": ",", "\uff08": "(", "\uff09": ")", "\uff1a": ":", "\uff1b": ";", "\u3001": ",", "\u3002": ".",
+    "\uff0e": ".", "\u00a0": " ", "\u2009": " ", "\u202f": " ",
+}
+_UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
+
+# Commands that only change how text looks: `\text{x}` -> `x`.
+_WRAPPERS = ("text", "textnormal", "textbf", "textit", "textrm", "texttt", "textsf", "mathrm", "mathbf", "mathit", "mathsf", "mathtt",
+             "mbox", "hbox", "operatorname", "boldsymbol", "bm", "displaystyle", "textstyle", "emph")
+_WRAPPER_RE = re.compile(r"\\(?:%s)\s*\{" % "|".join(_WRAPPERS))
+
+# Spacing and sizing commands, deleted outright.
+_SPACING_RE = re.compile(r"(?<!\\)\\(?:[,;:> ]|quad|qquad|enspace|thinspace|medspace|thickspace|hfill|displaystyle|textstyle)"
+                         r"|\\(?:left|right|big|Big|bigg|Bigg)[lr]?(?![a-zA-Z])")
+# `10,\!080`, `11,\! 111`, `1{,}000`: a thousands separator the writer marked as one.
+_THOUSANDS_SEP_RE = re.compile(r"(\d)(?:,\\!|\{,\})\s*(?=\d{3}(?!\d))")
+# "12^{th}", "3rd": the ordinal suffix of a number.
+_ORDINAL_RE = re.compile(r"(\d)\s*(?:\^\s*\{\s*(?:st|nd|rd|th)\s*\}|\^\s*(?:st|nd|rd|th)|(?:st|nd|rd|th))(?![a-zA-Z])")
+# "4343_6", "1011_{2}": digits with their base as a subscript; the digits are the answer.
+_BASE_RE = re.compile(r"^(\d+)\s*_\s*\{?\s*\d+\s*\}?$")
+_CIRC_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree")
+_FRAC_ALIASES_RE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
+# `\frac12`, `\frac1{2}`, `\frac{1}2` and `\sqrt2` written without braces.
+_FRAC_SHORT_RE = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\})")
+_SQRT_SHORT_RE = re.compile(r"\\sqrt\s*(\d+|[a-zA-Z])")
+_RELATIONS = {r"\le": r"\leq", r"\ge": r"\geq", r"\leqslant": r"\leq", r"\geqslant": r"\geq", r"\ne": r"\neq",
+              r"\lt": "<", r"\gt": ">", r"\to": r"\rightarrow"}
+_RELATION_RE = re.compile(r"(\\(?:leqslant|geqslant|le|ge|ne|lt|gt|to))(?![a-zA-Z])")
+_INFINITY_RE = re.compile(r"(?<![a-zA-Z\\])(?:inf(?:inity)?|oo)(?![a-zA-Z])", re.IGNORECASE)
+
+# Units dropped from the end of an answer (after `\text{}` was unwrapped), longest first.
+_UNITS = sorted({
+    "units", "unit", "square units", "sq units", "cubic units", "degrees", "degree", "radians", "radian",
+    "cm", "mm", "km", "m", "meters", "meter", "metres", "metre", "centimeters", "centimeter", "kilometers",
+    "inches", "inch", "feet", "foot", "ft", "in", "yards", "yard", "miles", "mile", "mph", "km/h", "m/s",
+    "hours", "hour", "hrs", "hr", "h", "minutes", "minute", "min", "mins", "seconds", "second", "sec", "s",
+    "days", "day", "weeks", "week", "months", "month", "years", "year", "dollars", "dollar", "cents", "cent",
+    "pounds", "pound", "kg", "g", "grams", "gram", "liters", "liter", "litres", "ml", "people", "students",
+    "grade", "ways", "points", "marbles", "cookies", "apples", "books", "pages", "times", "steps", "games", "coins",
+}, key=len, reverse=True)
+_UNIT_ALTERNATION = "|".join(re.escape(u) for u in _UNITS)
+_UNIT_RE = re.compile(r"(?:%s)(?:\s*\^\s*\{?[23]\}?)?" % _UNIT_ALTERNATION, re.IGNORECASE)
+_POWER_RE = re.compile(r"\s*\^\s*\{?\s*[23]\s*\}?")
+# Bare unit words at the end of a number: only words of two letters or more (a lone `m` or `s`
+# is as likely a variable as a unit), and never `in`.
+_UNIT_TAIL_RE = re.compile(r"(?<=[\d)])\s*(?:%s)(?:\s*\^\s*\{?[23]\}?)?\s*$" % "|".join(
+    re.escape(u) for u in _UNITS if len(u) >= 2 and u != "in"))
+# `x =`, `f(x) =`, `a_{n} =`, `\theta =`, `x \approx` at the start (not `<=`, `==`).
+_NAME = r"\\?[a-zA-Z]+(?:_\{?[\w]+\}?)?(?:\([a-zA-Z, ]*\))?"
+_LHS_RE = re.compile(r"^\s*(?:%s)\s*(?:=(?!=)|\\approx)\s*" % _NAME)
+_NAME_RE = re.compile(r"\s*%s\s*" % _NAME)
+# A word that says "the answer is" before the answer itself.
+_ANSWER_IS_RE = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
+
+
+def _unwrap(s: str) -> str:
+    r"""`\text{abc}` -> `abc` for every wrapper command, braces matched (nesting allowed); a wrapped
+    unit after a number (`5\text{ cm}^2`, `6.5 \mathrm{~m}`) is dropped with its power."""
+    out: list[str] = []
+    last = ""  # the last non-space character written so far
+    i = 0
+    while True:
+        m = _WRAPPER_RE.search(s, i)
+        if m is None:
+            out.append(s[i:])
+            return "".join(out)
+        before = s[i:m.start()]
+        out.append(before)
+        last = before.rstrip()[-1:] or last
+        depth, j = 1, m.end()
+        while j < len(s) and depth:
+            depth += {"{": 1, "}": -1}.get(s[j], 0)
+            j += 1
+        inner = s[m.end():j - 1] if depth == 0 else s[m.end():]
+        if last and last in "0123456789})" and _UNIT_RE.fullmatch(inner.replace("~", " ").replace("\\,", " ").strip()):
+            power = _POWER_RE.match(s, j)
+            j = power.end() if power else j
+            out.append(" ")
+        else:
+            text = _unwrap(inner)
+            out.append(" " + text + " ")
+            last = text.rstrip()[-1:] or last
+        i = j
+
+
+def strip_math_delimiters(s: str) -> str:
+    r"""`$x$`, `\(x\)`, `\[x\]` -> `x` (only when the delimiters wrap the whole string)."""
+    s = s.strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
+            return s[len(left):len(s) - len(right)].strip()
+    return s
+
+
+def normalize(s: str, *, keep_lhs: bool = False) -> str:
+    r"""Clean an answer for comparison: delimiters, unicode, wrappers, spacing, degrees, units, `x =`
+    (`keep_lhs`: not `x =`, for comparing whole equations). Memoised: a grade normalises the same
+    strings several times, and the K samples of one problem share their gold."""
+    return _normalize(str(s), keep_lhs)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _normalize(s: str, keep_lhs: bool) -> str:
+    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group()], str(s))
+    s = strip_math_delimiters(s.replace("\n", " "))
+    s = s.replace("\\$", " ").replace("$", " ")
+    s = _ANSWER_IS_RE.sub("", s)
+    s = _unwrap(s)
+    s = _THOUSANDS_SEP_RE.sub(r"\1", s)
+    s = _SPACING_RE.sub(" ", s.replace("\\!", "")).replace("~", " ")
+    s = _CIRC_RE.sub("", s)
+    s = _ORDINAL_RE.sub(r"\1", s)
+    s = _FRAC_ALIASES_RE.sub(r"\\frac", s)
+    s = _FRAC_SHORT_RE.sub(lambda m: r"\frac{%s}{%s}" % (m.group(1).strip("{}"), m.group(2).strip("{}")), s)
+    s = _SQRT_SHORT_RE.sub(r"\\sqrt{\1}", s)
+    s = _RELATION_RE.sub(lambda m: _RELATIONS[m.group(1)], s)
+    s = _INFINITY_RE.sub(r"\\infty", s)
+    s = s.replace("\\%", "%").replace("\\#", " ")
+    s = re.sub(r"\s+", " ", s).strip()
+    s = s.rstrip(".").strip()
+    previous = None
+    while previous != s:  # "5 \text{ cm}^2", "10 dollars", "90^\circ" -> the number
+        previous = s
+        s = _UNIT_TAIL_RE.sub("", s).strip()
+    head, approx, _ = s.partition("\\approx")
+    if approx and head.strip() and not _NAME_RE.fullmatch(head):
+        s = head.strip()  # `x = \frac{1}{3} \approx 0.33`: the exact value is the answer, not its rounding
+    if s.count("=") + s.count("\\approx") == 1 and not keep_lhs:
+        s = _LHS_RE.sub("", s)
+    return _BASE_RE.sub(r"\1", s.strip())
+
+
+def key(s: str) -> str:
+    """normalize(s) without spaces and with text case-folded: the string-equality form."""
+    s = normalize(s).replace(" ", "")
+    return s.casefold() if re.fullmatch(r"[A-Za-z]{2,}", s) else s
+
+
+# --------------------------------------------------------------------------------------------
+# Plain numeric literals -> exact fractions.
+
+# Exponents past this are not expanded: 1e999999999 would take the host down, not answer anything.
+MAX_EXPONENT = 400
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_INT_RE = re.compile(r"[-+]?\d+")
+_DECIMAL_RE = re.compile(_NUM)
+_THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?")
+_SCI_RE = re.compile(r"(%s)\s*(?:[eE]\s*([-+]?\d+)|(?:\\times|\\cdot|\*|x)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?)" % _NUM)
+_POW10_RE = re.compile(r"10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
+_FRAC_RE = re.compile(r"([-+]?)\s*\\frac\{\s*(%s)\s*\}\{\s*(%s)\s*\}" % (_NUM, _NUM))
+_SLASH_RE = re.compile(r"(%s)\s*/\s*(%s)" % (_NUM, _NUM))
+_MIXED_RE = re.compile(r"([-+]?)(\d+)\s*\\frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}")
+
+
+@dataclass(frozen=True)
+class Number:
+    """An exact value read from a literal; `decimal` when it was written with a decimal point or
+    in scientific notation (a rounded quantity, compared with a tolerance), `percent` when it
+    carried a % sign."""
+
+    value: Fraction
+    decimal: bool = False
+    percent: bool = False
+
+
+def _fraction(text: str) -> Fraction:
+    return Fraction(text.replace("+", "")) if text not in ("", "+", "-") else Fraction(1)
+
+
+def _power_of_ten(exponent: str) -> Fraction | None:
+    e = int(exponent)
+    return None if abs(e) > MAX_EXPONENT else Fraction(10) ** e
+
+
+def parse_number(s: str) -> Number | None:
+    r"""The value of `s` if it is one plain numeric literal (integer, decimal, `a/b`, `\frac{a}{b}`,
+    mixed number `7\frac{3}{11}`, `1,000`, `4.5e33`, `4.5 \times 10^{33}`, `50\%`), else None."""
+    s = normalize(s).strip()
+    percent = s.endswith("%")
+    s = s.rstrip("%").strip()
+    if len(s) > 200:
+        return None
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace("{,}", "").replace(",", "")
+    s = s.replace("{,}", "")
+    try:
+        if _INT_RE.fullmatch(s) and len(s) <= 1000:
+            return Number(Fraction(int(s)), percent=percent)
+        if _DECIMAL_RE.fullmatch(s):
+            return Number(_fraction(s), decimal=True, percent=percent)
+        if m := _SCI_RE.fullmatch(s):
+            scale = _power_of_ten(m.group(2) or m.group(3))
+            return None if scale is None else Number(_fraction(m.group(1)) * scale, decimal=True, percent=percent)
+        if m := _POW10_RE.fullmatch(s):
+            scale = _power_of_ten(m.group(1))
+            return None if scale is None else Number(scale, percent=percent)
+        if m := _MIXED_RE.fullmatch(s):
+            whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+            if den != 0 and num < den:
+                sign = -1 if m.group(1) == "-" else 1
+                return Number(sign * (whole + Fraction(num, den)), percent=percent)
+            return None
+        for pattern in (_FRAC_RE, _SLASH_RE):
+            if m := pattern.fullmatch(s):
+                sign = -1 if pattern is _FRAC_RE and m.group(1) == "-" else 1
+                num, den = _fraction(m.group(2 if pattern is _FRAC_RE else 1)), _fraction(m.group(3 if pattern is _FRAC_RE else 2))
+                if den == 0:
+                    return None
+                decimal = "." in m.group(0)
+                return Number(sign * num / den, decimal=decimal, percent=percent)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None

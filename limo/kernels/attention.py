@@ -1,0 +1,118 @@
+"""Causal varlen attention over packed streams, with grouped-query attention.
+
+Three implementations, chosen by limo/kernels/dispatch.py (`attention_backend`, once per device type
+and dtype, logged; ATTENTION_BACKEND names one):
+  flash        `flash_attn.flash_attn_varlen_func` (the flash-attn package, CUDA)
+  torch_varlen `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA)
+  reference    one `scaled_dot_product_attention` per sample (any device; the CPU path), as the
+               op `limo::varlen_attention_reference`
+The fused kernels take fp16/bf16 only, so float32 and float64 inputs (exactness tests) go to the
+reference. All three are torch.library ops with fake implementations (flash-attn's and torch's
+ship theirs), so torch.compile traces through each and FakeTensorMode runs each on fake tensors.
+
+The reference reads the sample bounds on the host. Real tensors in eager mode call it directly
+(SDPA's own backward, which profilers and dispatch modes see op by op); fake tensors, meta tensors
+and torch.compile traces reach it through the op, whose fake implementation needs no bounds and
+whose backward, an op too, recomputes each sample's attention and differentiates it
+(limo/kernels/reference.py): it saves only q, k, v, never an L x L score.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+
+import torch
+
+from limo.kernels import reference
+from limo.kernels.dispatch import attention_backend, path_of, shapes_only
+
+
+def _torch_varlen_kwargs() -> dict:
+    """Causality and GQA as this torch's varlen_attn spells them: PyTorch 2.10 has `is_causal`,
+    2.11+ a (left, right) window; `enable_gqa` where it exists (else K/V are repeated per group)."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return {}
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return {**causal, "enable_gqa": True} if "enable_gqa" in params else causal
+
+
+_TORCH_VARLEN_KWARGS = _torch_varlen_kwargs()  # resolved at import, so torch.compile never traces `inspect`
+
+
+@torch.library.custom_op("limo::varlen_attention_reference", mutates_args=())
+def _reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return reference.varlen_attention(q, k, v, cu_seqlens, scale)
+
+
+@_reference_op.register_fake
+def _reference_fake(q, k, v, cu_seqlens, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("limo::varlen_attention_reference_backward", mutates_args=())
+def _reference_backward_op(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference.varlen_attention_backward(grad, q, k, v, cu_seqlens, scale)
+
+
+@_reference_backward_op.register_fake
+def _reference_backward_fake(grad, q, k, v, cu_seqlens, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _reference_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.scale = scale
+
+
+def _reference_backward(ctx, grad):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    return (*_reference_backward_op(grad, q, k, v, cu_seqlens, ctx.scale), None, None)
+
+
+_reference_op.register_autograd(_reference_backward, setup_context=_reference_setup)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention that never crosses a sample boundary.
+
+    q [T, Hq, D], k and v [T, Hkv, D] with Hq a multiple of Hkv; cu_seqlens int32 [n+1]
+    (0, end of sample 0, ..., T); max_seqlen is the longest sample (a host int, so no kernel
+    needs a device sync to size its grid). Returns [T, Hq, D].
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree in T or D, or Hq is not a multiple of Hkv")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    backend = attention_backend(path_of(q)[0], q.dtype)
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    if backend == "torch_varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        if "enable_gqa" not in _TORCH_VARLEN_KWARGS:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **_TORCH_VARLEN_KWARGS)
+    if shapes_only(q):
+        return _reference_op(q, k, v, cu_seqlens, scale)
+    return reference.varlen_attention(q, k, v, cu_seqlens, scale)
