@@ -64,8 +64,9 @@ LATEST_TESTS := tests/test_packaging.py tests/test_model.py::test_logits_match_t
 test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	echo "$(TORCH_SPEC)" > $(LATEST)/torch.txt
+	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch.txt "$(TORCH_SPEC)"
+	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch.txt --upgrade --upgrade-strategy eager -e ".[test]"
 	$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|kernels|huggingface.hub|tokenizers|safetensors|triton|math.verify)==' | tr '\n' ' '; echo
 	$(INTERPRET) $(LATEST)/bin/python -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
 

@@ -91,6 +91,9 @@ def test_resolve_tokenizer(tmp_path):
     assert len(resolve_tokenizer(DataConfig(path="synthetic"))) == 260
     with pytest.raises(DataError, match="data.path='data/limo.jsonl' needs a tokenizer: set data.tokenizer"):
         resolve_tokenizer(DataConfig(path="data/limo.jsonl"))
+    with pytest.raises(DataError, match=f"no tokenizer in {tmp_path}: looked for tokenizer.json, .*; name a folder that has one with --data.tokenizer=DIR"):
+        resolve_tokenizer(DataConfig(path="synthetic", tokenizer=str(tmp_path)))
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(DataError, match=f"data.tokenizer='{tmp_path}': cannot load a tokenizer"):
         resolve_tokenizer(DataConfig(path="synthetic", tokenizer=str(tmp_path)))
     with pytest.raises(DataError, match=f"model.path='{tmp_path / 'missing'}' is not a folder"):

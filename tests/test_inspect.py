@@ -32,12 +32,19 @@ def test_inspect_reports_what_training_will_see(capsys):
     assert sum(int(line.split()[1]) for line in histogram) == len(samples)
 
 
-def test_inspect_bad_input_is_one_clear_line(tmp_path):
+def test_inspect_bad_input_is_one_clear_line(tmp_path, capsys):
+    def refused(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as e:
+            data_inspect.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("python -m limo.data.inspect: error: "), err
+        return err
+
     (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
-    with pytest.raises(SystemExit, match=f"python -m limo.data.inspect: data.tokenizer='{tmp_path / 'none'}' is not a folder"):
-        data_inspect.main(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "none")])
+    assert f"data.tokenizer='{tmp_path / 'none'}' is not a folder" in refused(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "none")])
+    (tmp_path / "empty").mkdir()
+    assert f"no tokenizer in {tmp_path / 'empty'}: looked for tokenizer.json" in refused(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "empty")])
     synthetic.byte_tokenizer().save_pretrained(str(tmp_path / "tok"))
-    with pytest.raises(SystemExit, match=f"python -m limo.data.inspect: {tmp_path / 'bad.jsonl'}:1: field 'solution' is missing"):
-        data_inspect.main(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "tok")])
-    with pytest.raises(SystemExit, match="--tokens-per-microbatch=100 is smaller than --max-tokens=200"):
-        data_inspect.main(["--data", "synthetic", "--max-tokens", "200", "--tokens-per-microbatch", "100"])
+    assert f"{tmp_path / 'bad.jsonl'}:1: field 'solution' is missing" in refused(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "tok")])
+    assert "--tokens-per-microbatch=100 is smaller than --max-tokens=200" in refused(["--data", "synthetic", "--max-tokens", "200", "--tokens-per-microbatch", "100"])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from limo.data import synthetic
 from limo.engine.config import ConfigError, load_config, resume_settings
 from limo.engine.preflight import preflight
 from tests.conftest import ROOT, shared_path
@@ -59,6 +60,7 @@ def test_hub_ids_existing_paths_and_known_benchmarks_pass(tmp_path, monkeypatch)
     shared_path("data", "eval", "math", "test.jsonl")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(PRESETS["tiny"].to_hf()))
+    synthetic.byte_tokenizer().save_pretrained(str(tmp_path / "model"))
     (tmp_path / "limo.jsonl").write_text("")
     preflight(_cfg(tmp_path / "out", "--model.path=Qwen/Qwen2.5-32B-Instruct", "--data.path=GAIR/LIMO",
                    "--eval.benchmarks=synthetic,math500,aime24=hf:owner/ds/test.jsonl"))  # fmt: skip

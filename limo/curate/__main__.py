@@ -12,6 +12,7 @@ from limo.curate.pipeline import STEPS, run
 from limo.curate.score import DEFAULT_WEIGHTS, TRAITS, parse_weights
 from limo.curate.select import DEFAULT_FAMILY_THRESHOLD, DEFAULT_N
 from limo.data.suites import DEFAULT_DATA
+from limo.tools.errors import UserError, refuse
 
 
 def _checked(parse):
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             print("difficulty: no --model to draw samples from, so the step is left out", flush=True)
     elif "difficulty" in args.steps and not args.model:
         p.error("--steps names difficulty, which needs --model (the model to draw samples from)")
-    run(args)
+    try:
+        run(args)
+    except UserError as e:  # a pool file's line, a record's key, a folder: one line, not a traceback
+        return refuse(e, "python -m limo.curate")
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from limo.curate.records import mark_removed
 from limo.curate.text import jaccard, lsh_index, minhashes, ngrams, numbers, tokens
+from limo.tools.errors import UserError
 
 NGRAM = 8
 BOILERPLATE_ITEMS = 5
@@ -64,7 +65,7 @@ def load_suites(eval_dir: Path) -> list[EvalItem]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                    raise UserError(f"{path}:{lineno}: not JSON ({e.msg})") from None
                 text = next((record[k] for k in _QUESTION_KEYS if isinstance(record.get(k), str) and record[k].strip()), None)
                 if text is None:
                     raise KeyError(f"{path}:{lineno}: none of {list(_QUESTION_KEYS)} holds the problem (keys: {sorted(record)})")
@@ -119,7 +120,7 @@ def remove_contaminated(pool: list[dict], eval_dir: Path, overlap: float = DEFAU
     """(kept, removed, stats)."""
     for name, value in (("--ngram-overlap", overlap), ("--similarity", similarity)):
         if not 0 < value <= 1:
-            raise ValueError(f"{name} must be in (0, 1], got {value}")
+            raise UserError(f"{name} must be in (0, 1], got {value}")
     index = Index(load_suites(eval_dir))
     signatures = minhashes(ngrams(tokens(e["question"]), SHINGLE) for e in pool)
     kept, gone = [], []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from limo.curate.records import mark_removed
 from limo.curate.text import canonical, jaccard, lsh_index, minhashes, ngrams, tokens, union_find
+from limo.tools.errors import UserError
 
 SHINGLE = 3
 DEFAULT_THRESHOLD = 0.8
@@ -23,7 +24,7 @@ DEFAULT_THRESHOLD = 0.8
 def remove_duplicates(pool: list[dict], threshold: float = DEFAULT_THRESHOLD) -> tuple[list[dict], list[dict], dict]:
     """(kept, removed, stats) for envelopes in pool order."""
     if not 0 < threshold <= 1:
-        raise ValueError(f"--dup-threshold must be in (0, 1], got {threshold}")
+        raise UserError(f"--dup-threshold must be in (0, 1], got {threshold}")
     exact: dict[str, int] = {}
     links: list[tuple[int, int]] = []
     texts = [canonical(e["question"]) for e in pool]

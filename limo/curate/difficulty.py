@@ -25,6 +25,7 @@ from limo.eval.generators import Completion, Request
 from limo.eval.grading import extract_answer, grade
 from limo.eval.results import SampleResult, append_results, load_results
 from limo.eval.run import LIMO_SYSTEM_PROMPT, sample_seed
+from limo.tools.errors import UserError
 from limo.tools.progress import progress_bar
 
 BENCHMARK = "curate"
@@ -35,9 +36,9 @@ def parse_band(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--band must be LO,HI (two pass rates), got {text!r}") from None
+        raise UserError(f"--band must be LO,HI (two pass rates), got {text!r}") from None
     if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"--band needs 0 <= LO <= HI <= 1, got {text!r}")
+        raise UserError(f"--band needs 0 <= LO <= HI <= 1, got {text!r}")
     return lo, hi
 
 
@@ -47,7 +48,7 @@ def _check_settings(path: Path, settings: dict) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
         if old != settings:
             changed = sorted(k for k in settings if old.get(k) != settings[k])
-            raise ValueError(f"{path}: the samples beside it were drawn with other settings ({', '.join(changed)}); "
+            raise UserError(f"{path}: the samples beside it were drawn with other settings ({', '.join(changed)}); "
                              f"use another --out, or delete {path.parent} to draw them again")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1), encoding="utf-8")
@@ -64,7 +65,7 @@ def draw_and_grade(pool: list[dict], generate: Callable[[Sequence[Request]], lis
                    grade_threads: int = os.cpu_count() or 2) -> dict[tuple[str, int], SampleResult]:
     """Every (problem, sample) graded, resuming from folder/samples.jsonl; returns them all."""
     if samples < 1 or batch_size < 1 or max_tokens < 1:
-        raise ValueError(f"--samples, --batch-size and --max-tokens must be >= 1, got {samples}, {batch_size}, {max_tokens}")
+        raise UserError(f"--samples, --batch-size and --max-tokens must be >= 1, got {samples}, {batch_size}, {max_tokens}")
     _check_settings(folder / "samples.json", settings)
     path = folder / "samples.jsonl"
     done = load_results(path)

@@ -29,6 +29,7 @@ from limo.curate.report import write_report
 from limo.curate.score import score_chains
 from limo.curate.select import select_top
 from limo.model.fingerprint import model_fingerprint
+from limo.tools.errors import UserError
 
 STEPS = ("dedup", "decontaminate", "difficulty", "score", "select")
 
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif folder.done.exists():
             if folder.stamp()["input"] != input_hash:
                 if any(later in args.steps for later in STEPS[STEPS.index(step) + 1:]):
-                    raise ValueError(f"{folder.path} was made from another input than this run gives it; add {step} to "
+                    raise UserError(f"{folder.path} was made from another input than this run gives it; add {step} to "
                                      f"--steps to redo it (or delete the folder to leave the step out)")
                 print(f"{step}: its earlier output was made from another input; the outputs stop before it", flush=True)
                 break

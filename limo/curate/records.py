@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from limo.data.sources import iter_records
+from limo.tools.errors import UserError
 
 REASONS = ("duplicate", "contaminated", "too_easy", "too_hard", "wrong_answer", "not_selected")
 
@@ -47,7 +48,7 @@ def read_pool(paths: Iterable[str]) -> list[dict]:
     uids = [e["uid"] for e in pool]
     if len(set(uids)) != len(uids):
         dup = next(u for u in uids if uids.count(u) > 1)
-        raise ValueError(f"pool record {dup} is given twice: name each pool file once")
+        raise UserError(f"pool record {dup} is given twice: name each pool file once")
     return pool
 
 
@@ -59,7 +60,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                    raise UserError(f"{path}:{lineno}: not JSON ({e.msg})") from None
     return out
 
 
@@ -99,7 +100,7 @@ class StepDir:
     def write(self, kept: list[dict], gone: list[dict], stamp: dict, stats: dict[str, Any]) -> None:
         bad = [e["uid"] for e in gone if e.get("reason") not in REASONS]
         if bad:
-            raise ValueError(f"{self.path}: removals without a known reason ({', '.join(REASONS)}): {bad[:3]}")
+            raise UserError(f"{self.path}: removals without a known reason ({', '.join(REASONS)}): {bad[:3]}")
         self.path.mkdir(parents=True, exist_ok=True)
         self.done.unlink(missing_ok=True)
         write_jsonl(self.kept, kept)

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from limo.curate.records import mark_removed
 from limo.eval.grading import grade
+from limo.tools.errors import UserError
 
 TRAITS = ("elaborated", "self_verification", "exploratory", "granularity")
 DEFAULT_WEIGHTS = {"elaborated": 0.30, "self_verification": 0.20, "exploratory": 0.25, "granularity": 0.25}
@@ -46,7 +47,7 @@ def parse_weights(text: str) -> dict[str, float]:
     except ValueError:
         values = []
     if len(values) != len(TRAITS) or min(values) < 0 or sum(values) == 0:
-        raise ValueError(f"--weights must be {len(TRAITS)} non-negative numbers, not all 0, for {', '.join(TRAITS)}; got {text!r}")
+        raise UserError(f"--weights must be {len(TRAITS)} non-negative numbers, not all 0, for {', '.join(TRAITS)}; got {text!r}")
     return dict(zip(TRAITS, values))
 
 

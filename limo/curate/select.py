@@ -17,6 +17,7 @@ from collections import Counter
 
 from limo.curate.records import mark_removed
 from limo.curate.text import jaccard, lsh_index, minhashes, ngrams, tokens, union_find
+from limo.tools.errors import UserError
 
 DEFAULT_N = 817
 DEFAULT_FAMILY_THRESHOLD = 0.5
@@ -36,7 +37,7 @@ def select_top(pool: list[dict], n: int = DEFAULT_N, per_cluster: int = 1, per_s
            family_threshold: float = DEFAULT_FAMILY_THRESHOLD) -> tuple[list[dict], list[dict], dict]:
     """(kept with `rank` and `family`, removed as not_selected, stats)."""
     if n < 1 or per_cluster < 1 or not 0 < per_source <= 1 or not 0 < family_threshold <= 1:
-        raise ValueError(f"--select >= 1, --per-cluster >= 1, --per-source in (0, 1] and --family-threshold in (0, 1] "
+        raise UserError(f"--select >= 1, --per-cluster >= 1, --per-source in (0, 1] and --family-threshold in (0, 1] "
                          f"needed; got {n}, {per_cluster}, {per_source}, {family_threshold}")
     family = families(pool, family_threshold) if pool else []
     sources = {e["source"] for e in pool}

@@ -15,9 +15,26 @@ spans onto tokens, so no template-specific string is hard-coded.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from limo.data.sources import DataError, Sample, detect_format, to_sample
+
+
+# What marks a folder as holding a tokenizer transformers can load (a fast one, a config naming
+# one, BPE's vocabulary, or a SentencePiece model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def missing_tokenizer(folder: str | os.PathLike, hint: str) -> str | None:
+    """None when `folder` holds tokenizer files, else the message that refuses it (`hint`: what to do)."""
+    if any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return f"no tokenizer in {folder}: looked for {', '.join(TOKENIZER_FILES)}; {hint}"
+
+
+TRAINING_HINT = "name a folder that has one with --data.tokenizer=DIR"
 
 IGNORE = -100
 

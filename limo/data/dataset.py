@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from limo.data import synthetic
-from limo.data.chat import IGNORE, encode
+from limo.data.chat import IGNORE, TRAINING_HINT, encode, missing_tokenizer
 from limo.data.sources import DataError, Sample, load_records
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def resolve_tokenizer(data_cfg: DataSettings, model_path: str | os.PathLike | No
         raise DataError(f"data.path={data_cfg.path!r} needs a tokenizer: set data.tokenizer (a folder) or model.path")
     if not Path(folder).is_dir():  # never let from_pretrained read a missing folder as a hub id
         raise DataError(f"{key}={folder!r} is not a folder")
+    if message := missing_tokenizer(folder, TRAINING_HINT):
+        raise DataError(message)
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

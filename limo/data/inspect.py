@@ -17,8 +17,10 @@ from typing import Sequence
 from limo.data.dataset import load_samples, resolve_tokenizer
 from limo.data.loader import PackedLoader
 from limo.data.packing import CostModel, plan
-from limo.data.sources import DataError
 from limo.model.qwen2 import PRESETS
+from limo.tools.errors import UserError, refuse
+
+PROG = "python -m limo.data.inspect"
 
 
 def histogram(lengths: Sequence[int], bins: int, width: int = 40) -> list[str]:
@@ -63,7 +65,7 @@ def epoch_packing(loader: PackedLoader) -> dict[str, float]:
 
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimpleNamespace]:
     """The command line, and the [data] settings it spells (a data.dataset.DataSettings), checked."""
-    p = argparse.ArgumentParser(prog="python -m limo.data.inspect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="'synthetic', a .jsonl/.json/.parquet file, or a hub dataset id")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the byte-level one for synthetic data)")
     p.add_argument("--format", default="auto", choices=["auto", "limo", "messages", "alpaca"])
@@ -87,10 +89,10 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimpleNamespace]
              "--world-size": args.world_size}  # fmt: skip
     bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
     if bad:
-        raise SystemExit(f"python -m limo.data.inspect: {', '.join(bad)} must be >= 1")
+        raise SystemExit(refuse(f"{', '.join(bad)} must be >= 1", PROG))
     if cfg.tokens_per_microbatch < cfg.max_tokens:
-        raise SystemExit(f"python -m limo.data.inspect: --tokens-per-microbatch={cfg.tokens_per_microbatch} is smaller than "
-                         f"--max-tokens={cfg.max_tokens}: the longest sample must fit one micro-batch")
+        raise SystemExit(refuse(f"--tokens-per-microbatch={cfg.tokens_per_microbatch} is smaller than --max-tokens={cfg.max_tokens}: "
+                                "the longest sample must fit one micro-batch", PROG))
     return args, cfg
 
 
@@ -98,8 +100,8 @@ def main(argv: list[str] | None = None) -> str:
     args, cfg = _parse(argv)
     try:
         samples, report = load_samples(cfg, resolve_tokenizer(cfg))
-    except DataError as e:
-        raise SystemExit(f"python -m limo.data.inspect: {e}") from None
+    except UserError as e:  # DataError: the file and line, the key, the folder
+        raise SystemExit(refuse(e, PROG)) from None
     lengths = sorted(len(s) for s in samples)
     cost = CostModel.for_model(PRESETS[args.model_preset])
     loader = PackedLoader(samples, samples_per_step=cfg.samples_per_step, tokens_per_microbatch=cfg.tokens_per_microbatch, epochs=1,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from limo.tools.errors import UserError
+
 Format = Literal["auto", "limo", "messages", "alpaca"]
 FORMATS = ("auto", "limo", "messages", "alpaca")
 ROLES = ("system", "user", "assistant")
@@ -25,7 +27,7 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used as given; the message names the file, record and field."""
 
 
@@ -69,7 +71,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -78,7 +80,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
     for i, record in enumerate(data):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from limo.tools.errors import UserError
+
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
 GPQA_SEED = 0
 SYNTHETIC = "synthetic"  # the demo's held-out split, disjoint from its training problems
@@ -55,7 +57,7 @@ class Benchmark:
                              f"got {self.samples} and {self.temperature}")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record that cannot become a Problem; the message names the file, line and key."""
 
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from limo.tools.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A recipe or override that cannot describe a valid run."""
 
 
@@ -306,8 +308,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _unknown(key: str, allowed: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    """`allowed` are section names (the section is unknown) or a section's dotted keys."""
+    typed = key.partition(".")[0] if "." not in allowed[0] else key.rsplit(".", 1)[-1]
+    names = {a.rsplit(".", 1)[-1]: a for a in allowed}
+    close = difflib.get_close_matches(typed, list(names), n=1)
+    hint = f" (did you mean {names[close[0]]!r}?)" if close else ""
     return ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
 
 

@@ -13,9 +13,12 @@ their shape (owner/name) and fetched later.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 
+from limo.data.chat import TRAINING_HINT, missing_tokenizer
 from limo.engine.checkpoint import Checkpointer
 from limo.engine.config import Config, ConfigError, check_resume
 
@@ -24,10 +27,26 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def preflight(cfg: Config) -> None:
+    _check_output_dir(Path(cfg.train.output_dir))
     _check_paths(cfg)
     _check_model(cfg)
+    _check_tokenizer(cfg)
     _check_benchmarks(cfg.eval.benchmarks)
     _check_checkpoints(cfg)
+
+
+def _check_output_dir(out: Path) -> None:
+    """train.output_dir can be made: its nearest existing ancestor is a folder we may create in
+    (tried with a uniquely named folder, removed at once: ranks check side by side, and nothing stays)."""
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"train.output_dir={str(out)!r}: {ancestor} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".limo-probe-", dir=ancestor))
+    except OSError as e:
+        raise ConfigError(f"train.output_dir={str(out)!r}: cannot create folders in {ancestor} ({e.strerror})") from None
 
 
 def _check_model(cfg: Config) -> None:
@@ -39,6 +58,14 @@ def _check_model(cfg: Config) -> None:
         model_args(cfg)
     except (WeightsError, ValueError) as e:  # ArchitectureError too: an unsupported config.json
         raise ConfigError(f"model.path: {e}") from None
+
+
+def _check_tokenizer(cfg: Config) -> None:
+    """The folder training reads its tokenizer from (data.tokenizer, else a local model.path) has one."""
+    model, tokenizer = cfg.model.path, cfg.data.tokenizer
+    folder = tokenizer if tokenizer is not None else model if model is not None and Path(model).is_dir() else None
+    if folder is not None and (message := missing_tokenizer(folder, TRAINING_HINT)):
+        raise ConfigError(message)
 
 
 def _check_paths(cfg: Config) -> None:

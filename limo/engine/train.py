@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ from limo.model.init import materialize
 from limo.model.qwen2 import PRESETS, ModelArgs, Qwen2, build_model
 from limo.model.weights import GENERATION_CONFIG, HFCheckpoint, model_args, resolve_model_dir
 from limo.tools.dtypes import dtype_of
+from limo.tools.errors import UserError, refuse
 
 log = logging.getLogger("limo.engine.train")  # the same name run as a script (__main__) or as a module
 
@@ -141,7 +143,7 @@ def train(cfg: Config) -> None:
     checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, world.rank)
     latest = checkpointer.resume_point()
     if latest is not None and not cfg.checkpoint.resume:  # a fresh run's saves would interleave with the old ones
-        raise RuntimeError(
+        raise ConfigError(
             f"checkpoint.resume=false, but {checkpointer.root} holds checkpoints of an earlier run (newest: {latest.name}); "
             "choose another train.output_dir, or remove that folder"
         )
@@ -266,21 +268,35 @@ def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (a key, a data file, a model folder: any UserError) is one line on rank 0 and exit
+    code 2 on every rank; a traceback is a bug of ours. A failed start leaves no output_dir behind."""
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         preflight(cfg)  # paths, benchmarks, a resume's settings: before any process group
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return refuse(e, show=os.environ.get("RANK", "0") == "0")
+    out = Path(cfg.train.output_dir)
+    existed = out.exists()
     try:
         train(cfg)
-    except ConfigError as e:  # found only once ranks agree (a fallback checkpoint made with other settings): every rank raises
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # found once the run started (a data file's line 51): every rank raises it
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2  # torchrun reports a worker's exit 2 as its own exit 1; a plain process exits 2
+        if rank == 0 and not existed:
+            _remove_if_unused(out)
+        return refuse(e, show=rank == 0)  # torchrun reports a worker's exit 2 as its own exit 1; a plain process exits 2
     return 0
+
+
+def _remove_if_unused(out: Path) -> None:
+    """Remove the output_dir a failed start made, if it holds nothing but the empty folders and the
+    lock file of that start."""
+    if not out.is_dir():
+        return
+    files = [p for p in out.rglob("*") if not p.is_dir()]
+    if all(p.name == ".checkpoints.lock" or p.name.startswith(".shared-") for p in files):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

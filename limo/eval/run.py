@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+from limo.data.chat import missing_tokenizer
 from limo.data.suites import DEFAULT_DATA, SUITE, Benchmark, load_benchmark
 from limo.eval.generators import Request, as_generator
 from limo.eval.grading import DEFAULT_TIMEOUT_S, grade
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(args.model) / "config.json").is_file():
             raise ValueError(f"--model {args.model}: no such model folder (it needs config.json, safetensors and a tokenizer)")
         benchmarks = parse_benchmarks(args.benchmarks, args.data, args.limit)
+        if message := missing_tokenizer(args.model, "the prompts are chat-templated text: copy the tokenizer the model was "
+                                                    "trained with into that folder (limo.engine.train's export carries its own)"):
+            raise ValueError(message)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

@@ -19,11 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from limo import kernels
+from limo.tools.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(UserError):
     """A config.json that does not describe a model this engine implements."""
 
 

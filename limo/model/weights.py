@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from limo.model.init import init_weights
 from limo.model.qwen2 import ModelArgs, Qwen2, build_model
+from limo.tools.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -30,7 +31,7 @@ GENERATION_CONFIG = "generation_config.json"
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A model folder whose files do not hold the tensors the model needs."""
 
 

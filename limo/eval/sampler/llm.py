@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from limo.data.chat import TOKENIZER_FILES, missing_tokenizer
 from limo.eval.sampler.block_manager import BlockManager
 from limo.eval.sampler.runner import ModelRunner
 from limo.eval.sampler.scheduler import Scheduler
@@ -25,7 +26,6 @@ from limo.model.weights import load_pretrained
 from limo.tools.dtypes import DTYPES, dtype_of
 from limo.tools.progress import progress_bar
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 
 
 def _load_tokenizer(folder: Path) -> Any:
-    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+    if missing_tokenizer(folder, ""):
         return None
     from transformers import AutoTokenizer
 
