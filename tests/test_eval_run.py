@@ -4,8 +4,14 @@ sampler adapter, and the command line end to end on a tiny model with transforme
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +21,7 @@ from limo.eval.generators import Completion, LLMGenerator, Request
 from limo.eval.grading import pass_at_k
 from limo.eval.results import load_results
 from limo.eval.run import LIMO_SYSTEM_PROMPT, evaluate, main, sample_seed
-from tests.conftest import shared_path
+from tests.conftest import ROOT, shared_path
 
 # Which samples the fake model gets right: problem id -> sample indices.
 RIGHT = {"p0": {0, 1, 2, 3}, "p1": {1, 3}, "p2": set()}
@@ -347,3 +353,55 @@ def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp
     assert small.runner.num_blocks == int(0.01 * 2**30 // page)
     with pytest.raises(ValueError, match="kv_cache_gib=0 must be > 0"):
         LLM(tmp_path / "tiny", device="cpu", kv_cache_gib=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder_and_reference(tmp_path_factory):
+    """A tiny random Qwen2 with the real tokenizer, and its uninterrupted evaluation (`command`)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("signal")
+    model_dir = root / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("data", "tokenizers", "qwen2.5")))
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "limo.eval.run", "--model", str(model_dir), "--benchmarks", "math500", "--limit", "12",
+                "--samples", "2", "--temperature", "0.7", "--max-tokens", "40", "--max-num-seqs", "2", "--device", "cpu",
+                "--out", str(out), "--data", str(shared_path("data", "eval"))]  # fmt: skip
+
+    subprocess.run(command(root / "reference"), cwd=ROOT, env=_SAMPLER_ENV, check=True, capture_output=True, timeout=600)
+    return command, root / "reference"
+
+
+_SAMPLER_ENV = {**os.environ, "KERNELS_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_batch_keeps_every_finished_sample_and_the_rerun_equals_an_uninterrupted_run(
+        tmp_path, signum, tiny_folder_and_reference):
+    """One batch of 24 samples, decoded 2 at a time: the signal lands mid-batch, after some have
+    finished. Every finished one is on disk, the exit code says which signal, and the same
+    command then completes the run with the results of a run never interrupted."""
+    command, reference = tiny_folder_and_reference
+    out = tmp_path / "out"
+    proc = subprocess.Popen(command(out), cwd=ROOT, env=_SAMPLER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "math500.jsonl"
+    deadline = time.monotonic() + 300
+    while not (results.exists() and results.read_bytes().count(b"\n") >= 2) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    seen = results.read_bytes().count(b"\n")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert f"interrupted by {signal.Signals(signum).name}" in err and "Traceback" not in err, err[-3000:]
+    kept = load_results(results)
+    assert 2 <= seen <= len(kept) < 24  # nothing written was lost, and the batch was cut short
+    subprocess.run(command(out), cwd=ROOT, env=_SAMPLER_ENV, check=True, capture_output=True, timeout=600)
+    assert load_results(results) == load_results(reference / "math500.jsonl")
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())

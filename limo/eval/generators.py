@@ -39,8 +39,15 @@ class Completion:
     num_tokens: int
 
 
+OnDone = Callable[[int, Completion], None]  # (index of the request, its completion), as each one finishes
+
+
 class Generator(Protocol):
-    def __call__(self, requests: Sequence[Request]) -> list[Completion]: ...
+    """Completions for requests, in their order. A generator that takes `on_done` reports each
+    completion as it finishes, so that a run interrupted mid-batch keeps what was done; one that
+    does not has its batch written when the call returns."""
+
+    def __call__(self, requests: Sequence[Request], on_done: OnDone | None = None) -> list[Completion]: ...
 
 
 def prompt_ids(tokenizer: Any, request: Request) -> list[int]:
@@ -67,17 +74,20 @@ class LLMGenerator:
             from limo.eval.sampler import SamplingParams as sampling_params
         self.llm, self.sampling_params, self.use_tqdm = llm, sampling_params, use_tqdm
 
-    def __call__(self, requests: Sequence[Request]) -> list[Completion]:
+    def __call__(self, requests: Sequence[Request], on_done: OnDone | None = None) -> list[Completion]:
         prompts = [prompt_ids(self.llm.tokenizer, r) for r in requests]
         params = [self.sampling_params(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed, n=1)
                   for r in requests]
-        outputs = sorted(self.llm.generate(prompts, params, use_tqdm=self.use_tqdm),
-                         key=lambda o: (o.prompt_index, o.sample_index))
+        streaming = {} if on_done is None else {"on_finish": lambda o: on_done(o.prompt_index, _completion(o))}
+        outputs = sorted(self.llm.generate(prompts, params, use_tqdm=self.use_tqdm, **streaming), key=lambda o: (o.prompt_index, o.sample_index))
         if [o.prompt_index for o in outputs] != list(range(len(requests))):
             raise RuntimeError(f"the sampler returned outputs for prompts {[o.prompt_index for o in outputs][:10]}..., "
                                f"expected exactly one for each of {len(requests)}")
-        completions = [Completion(o.text, o.finish_reason, len(o.token_ids)) for o in outputs]
-        return _check_completions(requests, completions, "the sampler")
+        return _check_completions(requests, [_completion(o) for o in outputs], "the sampler")
+
+
+def _completion(output: Any) -> Completion:
+    return Completion(output.text, output.finish_reason, len(output.token_ids))
 
 
 class TransformersGenerator:
@@ -98,9 +108,9 @@ class TransformersGenerator:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
-    def __call__(self, requests: Sequence[Request]) -> list[Completion]:
+    def __call__(self, requests: Sequence[Request], on_done: OnDone | None = None) -> list[Completion]:
         completions = []
-        for r in requests:
+        for i, r in enumerate(requests):
             ids = self.torch.tensor([prompt_ids(self.tokenizer, r)], device=self.device)  # [1, P]
             self.torch.manual_seed(r.seed)
             sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=0) if r.temperature > 0 else \
@@ -112,6 +122,8 @@ class TransformersGenerator:
             stopped = bool(new) and new[-1] in self.eos_ids
             text = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
             completions.append(Completion(text, "stop" if stopped else "length", len(new)))
+            if on_done is not None:
+                on_done(i, completions[-1])
         return _check_completions(requests, completions, "transformers")
 
 

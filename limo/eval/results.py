@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import statistics
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -71,6 +73,40 @@ def append_results(path: Path, results: Iterable[SampleResult]) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+class ResultWriter:
+    """Appends results one at a time as they finish, from any thread. Each line reaches the OS at
+    once (a Ctrl-C, a SIGTERM or a SIGKILL of the process loses none written), and the file is
+    fsynced at most every `fsync_s` seconds and on close (a power cut loses at most that span)."""
+
+    def __init__(self, path: Path, fsync_s: float = 5.0):
+        self.path, self.fsync_s = path, fsync_s
+        self._file = open(path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+        self._synced = time.monotonic()
+
+    def write(self, result: SampleResult) -> None:
+        line = json.dumps(asdict(result), ensure_ascii=False) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+            if time.monotonic() - self._synced >= self.fsync_s:
+                os.fsync(self._file.fileno())
+                self._synced = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def rewrite_results(path: Path, results: Iterable[SampleResult]) -> None:

@@ -16,18 +16,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
+import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
 from limo.data.chat import missing_tokenizer
 from limo.data.suites import DEFAULT_DATA, SUITE, Benchmark, load_benchmark
-from limo.eval.generators import Request, as_generator
+from limo.eval.generators import Completion, Generator, Request, as_generator
 from limo.eval.grading import DEFAULT_TIMEOUT_S, grade
-from limo.eval.results import SampleResult, append_results, format_table, load_results, rewrite_results, summarize
+from limo.eval.results import ResultWriter, SampleResult, format_table, load_results, rewrite_results, summarize
 from limo.model.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -98,17 +100,13 @@ def evaluate(llm_or_generator: Any, benchmarks: Sequence[Benchmark], out_dir: st
             if verbose:
                 print(f"{bench.name}: {len(bench.problems)} problems x {n} samples at T={temp}; "
                       f"{len(done)} on disk, {len(todo)} to generate", flush=True)
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                seeds = [sample_seed(seed, bench.name, p.id, j) for p, j in chunk]
-                requests = [Request(system_prompt, p.question, temp, top_p, max_tokens, s) for (p, _), s in zip(chunk, seeds)]
-                completions = generate(requests)
-                verdicts = list(graders.map(lambda pc: grade(pc[1].text, pc[0].golds, timeout_s=timeout_s),
-                                            [(p, c) for (p, _), c in zip(chunk, completions)]))
-                new = [SampleResult(bench.name, p.id, j, s, list(p.golds), c.text, c.finish_reason, c.num_tokens, pred, ok)
-                       for (p, j), s, c, (pred, ok) in zip(chunk, seeds, completions, verdicts)]
-                append_results(path, new)
-                done.update({(r.problem_id, r.sample): r for r in new})
+            with ResultWriter(path) as writer:
+                for start in range(0, len(todo), batch_size):
+                    chunk = todo[start:start + batch_size]
+                    seeds = [sample_seed(seed, bench.name, p.id, j) for p, j in chunk]
+                    requests = [Request(system_prompt, p.question, temp, top_p, max_tokens, s) for (p, _), s in zip(chunk, seeds)]
+                    new = _generate_and_grade(generate, requests, chunk, seeds, bench.name, graders, writer, timeout_s)
+                    done.update({(r.problem_id, r.sample): r for r in new})
             if regrade:
                 done = _regrade(bench, path, done, graders, timeout_s)
             summaries.append(summarize(bench.name, n, [p.id for p in bench.problems], done))
@@ -119,6 +117,34 @@ def evaluate(llm_or_generator: Any, benchmarks: Sequence[Benchmark], out_dir: st
     if verbose:
         print(format_table(summaries), flush=True)
     return summaries
+
+
+def _generate_and_grade(generate: Generator, requests: list[Request], chunk: list, seeds: list[int], name: str,
+                        graders: ThreadPoolExecutor, writer: ResultWriter, timeout_s: float) -> list[SampleResult]:
+    """One batch: each sample is graded and written as it finishes (when the generator reports
+    finishes: `on_done`), so an interrupt loses only the samples still running. The graders
+    finish and write what was handed to them even when generation is interrupted."""
+
+    def finish(i: int, c: Completion) -> SampleResult:
+        (p, j), s = chunk[i], seeds[i]
+        pred, ok = grade(c.text, p.golds, timeout_s=timeout_s)
+        result = SampleResult(name, p.id, j, s, list(p.golds), c.text, c.finish_reason, c.num_tokens, pred, ok)
+        writer.write(result)
+        return result
+
+    futures: dict[int, Future] = {}
+    try:
+        if "on_done" in inspect.signature(generate).parameters:
+            completions = generate(requests, on_done=lambda i, c: futures.setdefault(i, graders.submit(finish, i, c)))
+        else:  # a plain callable on requests: its batch is written when it returns
+            completions = generate(requests)
+    except BaseException:  # Ctrl-C, SIGTERM: what finished is graded and written before the interrupt goes on
+        wait(list(futures.values()))
+        raise
+    for i, c in enumerate(completions):
+        if i not in futures:
+            futures[i] = graders.submit(finish, i, c)
+    return [futures[i].result() for i in range(len(requests))]
 
 
 def _regrade(bench: Benchmark, path: Path, done: dict, graders: ThreadPoolExecutor, timeout_s: float) -> dict:
@@ -209,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sampler: KV cache budget in GiB (default: 90%% of a GPU's free memory; 4 GiB on a CPU)")
     p.add_argument("--max-model-len", type=int,
                    help="sampler: prompt + output tokens (default max-tokens + 4096, at most the model's max_position_embeddings)")
-    p.add_argument("--batch-size", type=int, default=512, help="samples per generate call and per results flush (default 512)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="samples per generate call (default 512); each sample is written as it finishes")
     p.add_argument("--regrade", action="store_true", help="re-grade outputs already on disk with the current grader")
     args = p.parse_args(argv)
     import torch
@@ -233,11 +260,30 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.model).resolve()
     name = folder.parent.name if folder.name == "hf" else folder.name  # train.py exports to <output_dir>/hf
     out = Path(args.out) if args.out else Path("runs/eval") / f"{name}-{fingerprint}"
-    evaluate(build_generator(args), benchmarks, out, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-             max_tokens=args.max_tokens, seed=args.seed, system_prompt=args.system_prompt, batch_size=args.batch_size,
-             regrade=args.regrade, model=fingerprint)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a cluster's stop: keep what finished, then exit
+        signal.signal(signum, _interrupt)
+    try:
+        evaluate(build_generator(args), benchmarks, out, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                 max_tokens=args.max_tokens, seed=args.seed, system_prompt=args.system_prompt, batch_size=args.batch_size,
+                 regrade=args.regrade, model=fingerprint)
+    except Interrupted as e:
+        print(f"interrupted by {signal.Signals(e.signum).name}: the finished samples are in {out}/; the same command resumes",
+              file=sys.stderr, flush=True)
+        return 128 + e.signum
     print(f"results in {out}/", flush=True)
     return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread between two of the sampler's steps."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -201,9 +201,11 @@ class LLM:
         return seq
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams], use_tqdm: bool = True
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams], use_tqdm: bool = True,
+        on_finish: Callable[[Output], None] | None = None,
     ) -> list[Output]:
-        """Sample every prompt; one Output per (prompt, sample), prompt-major."""
+        """Sample every prompt; one Output per (prompt, sample), prompt-major. `on_finish` sees each
+        Output as its sample finishes (to write it down before the others are done)."""
         if not isinstance(prompts, list):
             raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
         if isinstance(params, SamplingParams):
@@ -222,6 +224,8 @@ class LLM:
                 token_ids = self.runner.run(batch)
                 done = self.scheduler.postprocess(batch, token_ids)
                 finished += done
+                for s in done if on_finish is not None else ():
+                    on_finish(self._output(s))
                 rate = batch.num_tokens / (time.perf_counter() - start)
                 kind = "prefill" if batch.is_prefill else "decode"
                 bar.set_postfix_str(f"{kind} {rate:,.0f} tok/s, batch {len(batch.targets)}", refresh=False)
@@ -234,8 +238,8 @@ class LLM:
         if not self.block_manager.all_free():
             raise RuntimeError(f"KV pages leaked: {self.block_manager.num_free} of {self.block_manager.num_blocks} free after generate")
         finished.sort(key=lambda s: (s.prompt_index, s.sample_index))
-        return [
-            Output(s.prompt_index, s.sample_index, s.token_ids[: s.num_prompt_tokens], s.generated, self.stop_checker.text(s),
-                   s.finish_reason)  # fmt: skip
-            for s in finished
-        ]
+        return [self._output(s) for s in finished]
+
+    def _output(self, s: Sequence) -> Output:
+        return Output(s.prompt_index, s.sample_index, s.token_ids[: s.num_prompt_tokens], s.generated, self.stop_checker.text(s),
+                      s.finish_reason)  # fmt: skip
