@@ -215,6 +215,11 @@ def _interpreter_failure(e: BaseException) -> bool:
     return isinstance(e, InterpreterError)
 
 
+def _no_gpu_driver(e: BaseException) -> bool:
+    """Whether `e` is Triton finding no GPU driver (its words: "0 active drivers")."""
+    return isinstance(e, RuntimeError) and "0 active drivers" in str(e)
+
+
 def run_sweep(
     bench: str,
     cases: Sequence[dict],
@@ -243,6 +248,8 @@ def run_sweep(
                 except Exception as e:  # noqa: BLE001  (recorded, printed, and turned into the exit status)
                     if name != OURS and _interpreter_failure(e):
                         rec.status = f"unavailable: its Triton kernels fail in Triton's CPU interpreter ({type(e).__name__})"
+                    elif name != OURS and _no_gpu_driver(e):
+                        rec.status = "unavailable: its Triton kernels need a GPU driver (none here, and TRITON_INTERPRET is off)"
                     else:
                         rec.status = f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
                         log(traceback.format_exc())

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import bench_cross_entropy, bench_rmsnorm
 from tests.conftest import ROOT
@@ -45,6 +46,24 @@ def test_smoke_sweep_writes_one_record_per_case_mode_provider(name, tmp_path, ca
     for r in records:
         assert r["status"] == "ok" and r["median_ms"] > 0 and r["fraction_of_ceiling"] > 0, r
     assert "ours" in capsys.readouterr().out  # the table was printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: on a GPU the sweeps time CUDA kernels")
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_the_readmes_smoke_command_runs_on_a_cpu_without_setting_the_interpreter(name, tmp_path):
+    """`python -m benchmarks.bench_rmsnorm --sweep smoke`, as the README writes it (short timings
+    aside): the scripts pick Triton's interpreter themselves, say so in one line, and exit 0, with
+    a comparator that cannot run here recorded as unavailable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--sweep", "smoke", "--warmup-ms", "1", "--rep-ms", "1",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "our Triton kernels run in Triton's CPU interpreter" in done.stderr
+    records = json.loads(out.read_text())["records"]
+    assert {r["provider"] for r in records} >= {"ours", "eager", "liger"}
+    assert all(r["status"] == "ok" for r in records if r["provider"] == "ours")
+    assert all(r["status"] == "ok" or r["status"].startswith("unavailable: ") for r in records), [r["status"] for r in records]
 
 
 def test_unknown_provider_is_refused():

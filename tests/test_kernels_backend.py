@@ -40,8 +40,8 @@ def test_auto_without_the_interpreter_uses_torch_on_cpu_and_says_why(monkeypatch
         assert kernels.backend("cpu") == "torch"
         kernels.backend("cpu")
     lines = [r.getMessage() for r in caplog.records if "kernels on cpu" in r.getMessage()]
-    assert lines == ["kernels on cpu: torch (set_backend=auto; Triton unavailable: CPU tensors need Triton's interpreter: "
-                     "set TRITON_INTERPRET=1 before `kernels` is imported)"]
+    assert lines == ["kernels on cpu: torch (set_backend=auto picks the torch references here, as intended: CPU tensors run Triton "
+                     "kernels only in Triton's interpreter (TRITON_INTERPRET=1 before limo.kernels is imported; for checking numerics))"]
 
 
 def test_torch_backend_runs_the_references_and_the_chunked_loss(monkeypatch):
@@ -88,7 +88,7 @@ def test_first_use_without_set_backend_honours_the_environment(monkeypatch):
 
 def test_a_named_backend_that_cannot_run_raises(monkeypatch):
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
-    with pytest.raises(RuntimeError, match=r"'triton' \(from set_backend\) cannot run on cpu: CPU tensors need Triton's interpreter"):
+    with pytest.raises(RuntimeError, match=r"'triton' \(from set_backend\) cannot run on cpu: CPU tensors run Triton kernels only in Triton's interpreter"):
         kernels.set_backend("triton")
         kernels.backend("cpu")  # reached on a CUDA machine, where set_backend checked CUDA
 

@@ -285,7 +285,7 @@ def tensor_gib(plan: MemoryPlan) -> float:
     return plan.peak_gib - sum(plan.breakdown.get(k, 0.0) for k in UNTRACKED)
 
 
-def report(sim: Simulation) -> str:
+def report(sim: Simulation, full_batches: int = 0) -> str:
     plan = sim.plan["breakdown"]
     rows = max(len(sim.breakdown), len(plan))
     left = list(sim.breakdown.items()) + [("", None)] * (rows - len(sim.breakdown))
@@ -296,6 +296,9 @@ def report(sim: Simulation) -> str:
     lines.append(f"{'peak':<32} {sim.peak_gib:7.2f}   {'peak (tensors, without allocator)':<40} {sim.planned_gib:7.2f}")
     lines.append(f"the peak falls in {sim.peak_module}; planner error {100 * sim.planner_error:+.1f}%; "
                  f"planned total with fragmentation {sim.plan['peak_gib']:.2f} of {sim.plan['capacity_gib']:.1f} GiB usable")  # fmt: skip
+    if not full_batches:
+        lines.append("(the planner plans full micro-batches, the worst case; this step's micro-batches hold fewer tokens, so the plan "
+                     "sits above it: --full-batches 2 holds the planner to the step it plans)")
     comm = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in sorted(sim.collectives.items()))
     lines.append(f"collectives per step per rank: {comm}")
     lines.append(f"{sim.world_size} ranks, {sim.num_layers} layers, micro-batches {sim.micro_batches} tokens; {sim.seconds:.0f} s")
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = ("peak_gib", "planned_gib", "breakdown", "peak_module", "collectives", "world_size", "num_layers", "seconds")
         print(json.dumps({**{k: getattr(sim, k) for k in keys}, "planner_error": sim.planner_error, "micro_batches": sim.micro_batches}))
     else:
-        print(report(sim))
+        print(report(sim, args.full_batches))
     return 0
 
 

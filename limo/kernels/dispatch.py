@@ -120,7 +120,7 @@ def _triton_unavailable(device_type: str, fake: bool = False) -> str | None:
     if device_type == "cpu":
         if interpreting():
             return None
-        return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before `kernels` is imported"
+        return "CPU tensors run Triton kernels only in Triton's interpreter (TRITON_INTERPRET=1 before limo.kernels is imported; for checking numerics)"
     return f"no Triton path for {device_type} tensors"
 
 
@@ -153,7 +153,7 @@ def backend(device_type: str | None = None, fake: bool = False) -> str:
         if requested == "triton" and reason:
             raise RuntimeError(f"kernel backend 'triton' (from {source}) cannot run on {device_type}: {reason}")
         _resolved[key] = requested if requested != "auto" else ("torch" if reason else "triton")
-        why = f"; Triton unavailable: {reason}" if requested == "auto" and reason else ""
+        why = f" picks the torch references here, as intended: {reason}" if requested == "auto" and reason else ""
         of = f"{device_type} (fake tensors, traced)" if fake else device_type
         log.info("kernels on %s: %s (%s=%s%s)", of, _resolved[key], source, requested, why)
     return _resolved[key]
