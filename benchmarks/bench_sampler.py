@@ -44,6 +44,7 @@ from limo.model.init import init_weights
 from limo.model.qwen2 import PRESETS, ModelArgs, build_model
 from limo.model.weights import save_pretrained
 from limo.tools.dtypes import dtype_of
+from limo.tools.errors import refuse
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = tuple(int(b) for b in args.batches.split(",") if b) or sweep.batches
     providers = [x for x in args.providers.split(",") if x]
     if set(batches) - set(sweep.batches) or set(providers) - {"ours", "transformers"} or not providers:
-        raise SystemExit(f"batches {list(batches)} must be among {list(sweep.batches)}; providers {providers} among ours,transformers")
+        raise SystemExit(refuse(f"batches {list(batches)} must be among {list(sweep.batches)}; providers {providers} among ours,transformers"))
     sweep = replace(sweep, batches=batches)
     device = torch.device(args.device)
     model_args = replace(sweep.args, eos_token_id=None)  # no EOS: every sample runs to max_tokens, in both samplers

@@ -50,6 +50,7 @@ from limo.engine.train import build_training
 from limo.engine.train import train_step as engine_train_step
 from limo.model.flops import head_flops, layer_flops, step_flops, step_flops_torchtitan
 from limo.model.qwen2 import PRESETS, ModelArgs
+from limo.tools.errors import refuse
 
 
 @dataclass(frozen=True)
@@ -323,12 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [c.name for c in sweep.configs]
     unknown = sorted(set(chosen) - set(names))
     if unknown:
-        raise SystemExit(f"unknown configs {unknown} for sweep {args.sweep}; allowed: {names}")
+        raise SystemExit(refuse(f"unknown configs {unknown} for sweep {args.sweep}; allowed: {names}"))
     configs = [c for c in sweep.configs if (not chosen or c.name in chosen) and args.compile in ("both", "on" if c.compile else "off")]
     if not configs:
-        raise SystemExit(f"no config of sweep {args.sweep} is left by --configs {args.configs!r} and --compile {args.compile}")
+        raise SystemExit(refuse(f"no config of sweep {args.sweep} is left by --configs {args.configs!r} and --compile {args.compile}"))
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise SystemExit("bench_train_step runs on one device (a world of one); run it without torchrun")
+        raise SystemExit(refuse("bench_train_step runs on one device (a world of one); run it without torchrun"))
 
     world = init_distributed(args.device, 1)
     try:

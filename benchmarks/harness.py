@@ -45,6 +45,7 @@ from limo.kernels.dispatch import swapped_kernels
 from limo.data.dataset import EncodedSample
 from limo.data.loader import PackedLoader
 from limo.data.packing import plan
+from limo.tools.errors import refuse
 
 SCHEMA = 1
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +333,7 @@ def main_for(
     modes = [m for m in args.modes.split(",") if m]
     bad_modes = sorted(set(modes) - set(all_modes))
     if unknown or bad_modes:
-        raise SystemExit(f"unknown providers {unknown} (allowed: {sorted(builders)}) or modes {bad_modes} (allowed: {list(all_modes)})")
+        raise SystemExit(refuse(f"unknown providers {unknown} (allowed: {sorted(builders)}) or modes {bad_modes} (allowed: {list(all_modes)})"))
     device = torch.device(args.device)
     header = {
         "schema": SCHEMA,

@@ -3,6 +3,7 @@ survived, the fit's arithmetic, the loss the step computes), and its micro-batch
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -118,6 +119,8 @@ def test_micro_batches_pack_proxy_lengths_within_the_budget():
     assert not all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(mbs, other))
 
 
-def test_unknown_configs_are_refused():
-    with pytest.raises(SystemExit, match=r"unknown configs \['triton-full-eager-L9'\]"):
+def test_unknown_configs_are_refused(capsys):
+    with pytest.raises(SystemExit) as refused:
         bench.main(["--sweep", "smoke", "--configs", "triton-full-eager-L9"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.startswith("error: ") and re.search(r"unknown configs \['triton-full-eager-L9'\]", err), err
