@@ -26,6 +26,7 @@ from limo.tools.dtypes import dtype_of
 MODES = ("fwd", "fwd+bwd")
 SWEEPS = {
     "full": [dict(tokens=t, hidden=5120, vocab=152064, dtype="bf16") for t in (4096, 8192, 16384)],
+    "quick": [dict(tokens=8192, hidden=5120, vocab=152064, dtype="bf16")],  # gpu_suite.sh quick: Qwen2.5-32B's head
     "smoke": [dict(tokens=64, hidden=32, vocab=203, dtype="fp32")],
 }
 

@@ -24,6 +24,7 @@ MODES = ("fwd", "fwd+bwd")
 SWEEPS = {
     "full": [dict(rows=r, width=w, dtype="bf16", residual=False) for r in (16384, 32768, 65536) for w in (4096, 5120, 8192)],
     "residual": [dict(rows=r, width=w, dtype="bf16", residual=True) for r in (16384, 32768, 65536) for w in (4096, 5120, 8192)],
+    "quick": [dict(rows=16384, width=5120, dtype="bf16", residual=False)],  # gpu_suite.sh quick: a 16k micro-batch at 32B's width
     "smoke": [dict(rows=64, width=256, dtype="fp32", residual=False), dict(rows=37, width=1003, dtype="fp32", residual=True)],
 }
 EPS = 1e-6

@@ -62,6 +62,7 @@ class Sweep:
 
 SWEEPS = {
     "full": Sweep(PRESETS["qwen2.5-7b"], "bfloat16", 128, 256, 64, (1, 2, 4, 8, 16, 32, 64, 128, 256), 3, 16, 16384),
+    "quick": Sweep(PRESETS["qwen2.5-7b"], "bfloat16", 128, 128, 32, (1, 64, 256), 1, 16, 16384),  # gpu_suite.sh quick
     "smoke": Sweep(ModelArgs(203, 48, 100, 2, 6, 1, rope_theta=10_000.0), "float32", 8, 5, 5, (1, 3), 1, 4, 64),
 }
 

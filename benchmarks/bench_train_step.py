@@ -91,6 +91,7 @@ SWEEPS = {
         StepConfig(4, state_dtype="float32"),
         StepConfig(8, ac="none"),  # the planner says it does not fit: an OOM to record (last, so it disturbs nothing after it)
     )),
+    "quick": Sweep(PRESETS["qwen2.5-32b"], 16384, 2, "bfloat16", 1, 2, (StepConfig(2), StepConfig(4))),  # gpu_suite.sh quick
     "smoke": Sweep(_SMOKE_ARGS, 256, 2, "float32", 1, 1, (  # Triton runs in its interpreter here: slow, so few Triton configs
         StepConfig(1), StepConfig(2), StepConfig(2, kernels="torch"), StepConfig(2, kernels="liger"),
         StepConfig(2, kernels="torch", ac="selective"), StepConfig(2, kernels="torch", ac="none"),

@@ -20,10 +20,10 @@
 # the GPU when there is one. Liger-Kernel and pytest are not on the GPU image: carry their wheels
 # (pure Python; benchmarks/README.md has the download line) as .whl/ and this script installs them.
 set -uo pipefail
-usage="usage: gpu_suite.sh tests|rmsnorm|ce|train|train-compile|sampler|summary|all|compare"
+usage="usage: gpu_suite.sh quick|tests|rmsnorm|ce|train|train-compile|sampler|summary|all|compare"
 stage=${1:?$usage}
 case $stage in
-tests | rmsnorm | ce | train | train-compile | sampler | summary | all | compare) ;;
+quick | tests | rmsnorm | ce | train | train-compile | sampler | summary | all | compare) ;;
 *) echo "unknown stage $stage; $usage" >&2 && exit 2 ;;
 esac
 OUT=${OUT:-benchmarks/results}
@@ -38,7 +38,34 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 gpu_name() {
+    if [ -n "${QUICK_ON_CPU:-}" ]; then echo cpu; return 0; fi  # the quick stage's smoke test on a CPU (tests/test_gpu_suite.py)
     $PY -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu_suite.sh: no CUDA device here'); print(torch.cuda.get_device_name().replace(' ', '-'))"
+}
+
+# quick: one run of at most 7 minutes on an H100 or H200 that proves the GPU path and measures the
+# headline figures, each step capped (seconds) so that one rerun fits in a 15-minute loan. It
+# writes its stage JSON to $OUT/quick/ and $OUT/summary-<device>.json with "partial": true, and
+# prints the short table last. QUICK_ON_CPU=1 runs the same steps on the smoke sweeps (CPU).
+quick() {
+    local dev=$1 q="$OUT/quick" sweep=${QUICK_SWEEP:-quick} status=0
+    mkdir -p "$q"
+    local tests=${QUICK_TESTS:-"tests/test_rmsnorm.py tests/test_cross_entropy.py tests/test_kernels_backend.py tests/test_attention.py tests/test_paged_attention.py tests/test_sampler.py"}
+    # 1. The CUDA runs of the kernel, attention, paged-attention and sampler tests.
+    timeout 120 $PY -m pytest -q -p no:cacheprovider --maxfail=5 $tests >"$q/tests-$dev.log" 2>&1 || status=1
+    echo "quick: tests: $(tail -n 1 "$q/tests-$dev.log")"
+    # 2-6. Each benchmark measures the device's copy bandwidth and bf16 matmul rate first.
+    timeout 45 $PY -m benchmarks.bench_rmsnorm --sweep $sweep --providers ours,compile,liger --rep-ms 50 \
+        --out "$q/rmsnorm-full-$dev.json" >"$q/rmsnorm-$dev.log" 2>&1 || status=1
+    timeout 70 $PY -m benchmarks.bench_cross_entropy --sweep $sweep --modes fwd+bwd --providers ours,eager,liger,liger-fp32 --rep-ms 50 \
+        --out "$q/cross_entropy-$dev.json" >"$q/cross_entropy-$dev.log" 2>&1 || status=1
+    timeout 100 $PY -m benchmarks.bench_train_step --sweep $sweep --compile off --configs "${QUICK_TRAIN_CONFIGS:-}" \
+        --out "$q/train_step-$dev.json" >"$q/train_step-$dev.log" 2>&1 || status=1
+    timeout 120 $PY -m benchmarks.bench_sampler --sweep $sweep --out "$q/sampler-$dev.json" >"$q/sampler-$dev.log" 2>&1 || status=1
+    for f in rmsnorm cross_entropy train_step sampler; do
+        [ -s "$q/$f-$dev.log" ] && echo "quick: $f: $(grep -v '^\s*$' "$q/$f-$dev.log" | tail -n 1 | cut -c1-200)"
+    done
+    $PY -m benchmarks.summary --dir "$q" --device "$dev" --partial --out "$OUT/summary-$dev.json" || status=1
+    return $status
 }
 
 run_stage() {
@@ -52,6 +79,9 @@ run_stage() {
     fi
     dev=$(gpu_name) || return 1
     case $stage in
+    quick)
+        quick "$dev" || status=1
+        ;;
     compare)
         local found=0
         for pair in "bench_rmsnorm full rmsnorm-full" "bench_cross_entropy full cross_entropy"; do

@@ -132,12 +132,14 @@ def sampler_roofline_fraction(stage: dict) -> tuple[float, dict]:
     return min(r["fraction_of_ceiling"] for r in large), detail
 
 
-def load_stages(folder: Path, device: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
+def load_stages(folder: Path, device: str, partial_ok: bool = False) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Each stage's runs; with `partial_ok`, runs of other sweeps than the full ones count too
+    (gpu_suite.sh quick: the headlines of a shorter run, marked partial)."""
     found, missing = {}, {}
     for stage, names in STAGES.items():
         files = [folder / f"{n}-{device}.json" for n in names if (folder / f"{n}-{device}.json").is_file()]
         runs = [json.loads(f.read_text()) | {"_file": str(f)} for f in files]
-        partial = [f"{Path(r['_file']).name} (sweep {r.get('sweep')!r})" for r in runs if r.get("sweep") != "full"]
+        partial = [f"{Path(r['_file']).name} (sweep {r.get('sweep')!r})" for r in runs if r.get("sweep") != "full" and not partial_ok]
         if partial:
             missing[stage] = f"{', '.join(partial)}: the headlines come from the full sweeps only"
         elif runs:
@@ -148,8 +150,8 @@ def load_stages(folder: Path, device: str) -> tuple[dict[str, list[dict]], dict[
     return found, missing
 
 
-def build(folder: Path, device: str) -> dict:
-    stages, missing = load_stages(folder, device)
+def build(folder: Path, device: str, partial: bool = False) -> dict:
+    stages, missing = load_stages(folder, device, partial)
     values: dict[str, float | None] = dict.fromkeys(HEADLINES)
     details: dict[str, object] = {}
 
@@ -193,13 +195,16 @@ def build(folder: Path, device: str) -> dict:
         "device": names[0] if len(names) == 1 else names,
         "commit": commits[0] if len(commits) == 1 else commits,
         "date": max((v["date"] for v in sources.values() if v["date"]), default=None),
-        "command": "bash benchmarks/gpu_suite.sh " + " ".join(stages),
+        "command": "bash benchmarks/gpu_suite.sh " + ("quick" if partial else " ".join(stages)),
+        "partial": partial or any(s.get("sweep") != "full" for group in stages.values() for s in group),
         **values,
         "goals": goals(values, details),
         "missing": {k: missing[k] for k in HEADLINES if k in missing},
         "details": details,
         "sources": sources,
     }
+    ceilings = [s["ceilings"] for group in stages.values() for s in group if {"copy_gbps", "matmul_tflops"} <= set(s.get("ceilings") or {})]
+    summary["ceilings"] = ceilings[0] if ceilings else None  # the device's measured copy bandwidth and matmul rate
     if train is not None:
         summary["train_step"] = train
     return summary
@@ -230,11 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / "results", help="folder of stage JSON (default: benchmarks/results)")
     ap.add_argument("--device", required=True, help="device name as in the stage files' names, e.g. NVIDIA-H100-80GB-HBM3")
     ap.add_argument("--out", type=Path, default=None, help="output (default: DIR/summary-DEVICE.json)")
+    ap.add_argument("--partial", action="store_true", help="take the stages' other sweeps too (gpu_suite.sh quick); marks the summary partial")
     args = ap.parse_args(argv)
-    summary = build(args.dir, args.device)
+    summary = build(args.dir, args.device, args.partial)
     out = args.out or args.dir / f"summary-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
+    if summary["ceilings"]:
+        c = summary["ceilings"]
+        print(f"{'ceilings':<28} copy {c['copy_gbps']:.0f} GB/s, matmul {c['matmul_tflops']:.1f} TFLOP/s"
+              + (" (partial run: gpu_suite.sh quick)" if summary["partial"] else ""))
     for key in HEADLINES:
         value = summary[key]
         print(f"{key:<28} {value:.4f}" if value is not None else f"{key:<28} missing: {summary['missing'][key]}")
