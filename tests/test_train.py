@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +27,20 @@ SMALL = [
 ]
 
 
+def _command(out: Path, nproc: int, extra: tuple[str, ...], launcher: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher, "limo/engine/train.py",
+            "--config", "configs/demo.toml", *SMALL, f"--train.output_dir={out}", *extra]  # fmt: skip
+
+
+def _env(backend: str = "torch", **faults: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_CRASH")}
+    return {**env, "OMP_NUM_THREADS": "1", "KERNELS_BACKEND": backend, **faults}
+
+
 def train(out: Path, nproc: int = 2, *extra: str, crash_at: str | None = None, check: bool = True,
-          backend: str = "torch") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS_BACKEND": backend}
-    env.pop("ENGINE_CRASH_AT", None)
-    if crash_at:
-        env["ENGINE_CRASH_AT"] = crash_at
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "limo/engine/train.py",
-           "--config", "configs/demo.toml", *SMALL, f"--train.output_dir={out}", *extra]
+          backend: str = "torch", launcher: tuple[str, ...] = (), **faults: str) -> subprocess.CompletedProcess:
+    env = _env(backend, **({"ENGINE_CRASH_AT": crash_at} if crash_at else {}), **faults)
+    cmd = _command(out, nproc, extra, launcher)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -111,6 +120,64 @@ def test_sigkill_during_a_step_and_during_a_save_then_rerun(reference, tmp_path)
     assert "resumed from" in finished.stderr and "step-00000002" in finished.stderr
     assert losses(out) == losses(reference)  # bitwise: same data, same state, same order
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+
+
+def _train_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "train_state.json").read_text())
+
+
+def test_sigterm_during_a_step_saves_that_step_exits_in_the_grace_time_and_the_rerun_resumes(reference, tmp_path):
+    """SIGTERM to torchrun, as SLURM or Kubernetes sends it, at a step drawn at random: every rank
+    stops after the same step, saves it (marked), exits with the documented code well inside
+    the grace time, and the rerun's losses are the uninterrupted run's."""
+    k = random.Random().randint(1, 4)
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(_command(out, 2, ()), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= k):
+        time.sleep(0.01)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - signalled
+    assert proc.returncode != 0 and took < 25, f"k={k}: exit {proc.returncode} after {took:.1f} s\n{err[-3000:]}"
+    stopped = len(losses(out))
+    assert f"preempted: stopped after step {stopped} of 6" in err, f"k={k}\n{err[-3000:]}"  # then torchrun's own report
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert newest.name == f"step-{stopped:08d}" and _train_state(newest)["preempted"] == "SIGTERM"
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # keep_last still applies
+    train(out)
+    assert losses(out) == losses(reference)
+
+
+def test_a_plain_process_exits_with_the_preemption_code(tmp_path):
+    """Without torchrun the process's own exit code is the documented one: 75 (EX_TEMPFAIL)."""
+    out = tmp_path / "alone"
+    cmd = [sys.executable, "limo/engine/train.py", "--config", "configs/demo.toml", *SMALL, f"--train.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(ENGINE_CRASH_AT="step:1", ENGINE_CRASH_SIGNAL="TERM"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert _train_state(out / "checkpoints" / "step-00000001")["preempted"] == "SIGTERM"
+
+
+def test_sigterm_during_a_save_lets_it_finish_then_stops(reference, tmp_path):
+    out = tmp_path / "preempted-saving"
+    proc = train(out, crash_at="save:4", check=False, ENGINE_CRASH_SIGNAL="TERM")
+    assert proc.returncode != 0 and "preempted: stopped after step 4 of 6" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert "preempted" not in _train_state(out / "checkpoints" / "step-00000004")  # the save under way is the one it stops with
+    train(out)
+    assert losses(out) == losses(reference)
+
+
+def test_an_elastic_restart_resumes_by_itself_with_the_same_losses(reference, tmp_path):
+    """torchrun --max-restarts 2, one worker killed at step 3: the group goes down, torchrun
+    restarts it, and the run resumes from step 2 with no flag changed."""
+    out = tmp_path / "elastic"
+    proc = train(out, crash_at="step:3", launcher=("--max-restarts", "2"), ENGINE_CRASH_RANK="1")
+    assert "resumed from" in proc.stderr and "step-00000002" in proc.stderr, proc.stderr[-3000:]
+    assert losses(out) == losses(reference)
 
 
 def test_resume_with_the_recipes_bf16_moments_and_weight_decay(tmp_path):

@@ -92,8 +92,21 @@ class CheckpointWriteError(RuntimeError):
 
 
 def crash_point(where: str) -> None:
-    """Fault injection for the crash tests: SIGKILL this process at `where` if asked to."""
-    if os.environ.get("ENGINE_CRASH_AT") == where:
+    """Fault injection for the crash and preemption tests, at `where` (step:N after step N, save:N
+    halfway through saving it) when ENGINE_CRASH_AT names it: SIGKILL this process; with
+    ENGINE_CRASH_RANK=R only rank R does; with ENGINE_CRASH_SIGNAL=TERM, rank 0 sends SIGTERM to
+    its launcher instead (torchrun passes it to every worker, as a cluster's stop does). Only in
+    a run's first attempt: an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) goes on unharmed."""
+    if os.environ.get("ENGINE_CRASH_AT") != where or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("ENGINE_CRASH_SIGNAL") == "TERM":
+        if rank == "0":
+            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()  # plain python: itself
+            log.warning("ENGINE_CRASH_AT=%s: sending SIGTERM to pid %d", where, launcher)
+            os.kill(launcher, signal.SIGTERM)
+        return
+    if os.environ.get("ENGINE_CRASH_RANK", rank) == rank:
         log.warning("ENGINE_CRASH_AT=%s: killing this process now", where)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -84,9 +84,10 @@ class TrainConfig:
     max_bad_steps: int = _help("abort after this many consecutive non-finite steps", 3)
     memory_check: bool = _help("refuse to start when the memory planner says the plan does not fit", True)
     tensorboard: bool = _help("also write TensorBoard scalars to output_dir/tb", False)
+    preemption_grace_s: float = _help("after SIGTERM/SIGINT: seconds to finish the step, save and exit (torchrun kills at 30)", 25.0)
 
     def check(self) -> None:
-        _positive(self, "train", "epochs", "max_bad_steps")
+        _positive(self, "train", "epochs", "max_bad_steps", "preemption_grace_s")
         _non_negative(self, "train", "max_steps", "max_grad_norm", "seed")
 
 

@@ -39,6 +39,7 @@ from limo.engine.export import export_hf
 from limo.engine.memory import ExecutionPath, MemoryPlan, PeakProbe, checkpoint_bytes, device_capacity_gib, plan_memory, record_peaks
 from limo.engine.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from limo.engine.optim import build_optimizer, build_scheduler
+from limo.engine.preemption import PREEMPTED_EXIT, Preempted, Preemption
 from limo.engine.preflight import preflight
 from limo.engine.sharding import parallelize
 from limo.model.fingerprint import model_fingerprint
@@ -194,6 +195,18 @@ def run_steps(cfg: Config, world: Distributed, out: Path, args: ModelArgs, model
     metrics = MetricsLogger(out, world.is_main, total_steps, step, cfg.train.tensorboard)
     last_sync = time.perf_counter()
     model.train()
+    try:
+        with Preemption(cfg.train.preemption_grace_s) as preemption:
+            _steps(cfg, world, args, model, optimizer, scheduler, loader, checkpointer, total_steps, step, bad_steps, metrics,
+                   last_sync, preemption)  # fmt: skip
+    finally:
+        metrics.close()
+
+
+def _steps(cfg: Config, world: Distributed, args: ModelArgs, model: Qwen2, optimizer: torch.optim.Optimizer, scheduler: Any,
+           loader: Any, checkpointer: Checkpointer, total_steps: int, step: int, bad_steps: int, metrics: MetricsLogger,
+           last_sync: float, preemption: Preemption) -> None:  # fmt: skip
+    saved = step  # the step of the newest checkpoint, or where the run began
     for batch in loader if step < total_steps else ():
         divisor = max(batch.num_label_tokens, 1)
         loss_value, norm_value = train_step(model, batch.micro_batches, divisor, world.device, cfg.train.max_grad_norm).tolist()  # host sync
@@ -214,16 +227,24 @@ def run_steps(cfg: Config, world: Distributed, out: Path, args: ModelArgs, model
         metrics.log({"step": step, "epoch": batch.epoch, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                      **step_rates(cfg, world, args, batch, step_time), "mem_gb": peak_memory_gb(world.device), "skipped": bad_steps > 0})  # fmt: skip
         crash_point(f"step:{step}")
+        stop = preemption.agreed(world.device)
         epoch_end = step % loader.steps_per_epoch == 0 and cfg.checkpoint.at_epoch_end
         periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if epoch_end or periodic or step == total_steps:
+        if epoch_end or periodic or step == total_steps or stop:
             train_state = {"step": step, "epoch": batch.epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(),
                            "loader": loader.state_dict(), "settings": resume_settings(cfg)}  # fmt: skip
+            if stop:
+                train_state["preempted"] = preemption.name or "another rank's signal"
             checkpointer.save(step, model, optimizer, train_state)
+            saved = step
             last_sync = time.perf_counter()  # the next step's time leaves the save out
+        if saved == step and not stop:  # a signal during this save: the step is saved, stop now
+            stop = preemption.agreed(world.device)
+        if stop:
+            raise Preempted(f"stopped after step {step} of {total_steps} ({preemption.name or 'signalled on another rank'}): "
+                            f"{checkpointer.root / f'step-{step:08d}'} holds it; the same command resumes")
         if step >= total_steps:
             break
-    metrics.close()
 
 
 def step_rates(cfg: Config, world: Distributed, args: ModelArgs, batch: Any, step_time: float) -> dict[str, Any]:
@@ -279,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     existed = out.exists()
     try:
         train(cfg)
+    except Preempted as e:  # every rank, after the same step: the save is complete
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if rank == 0:
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     except UserError as e:  # found once the run started (a data file's line 51): every rank raises it
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         if dist.is_initialized():
