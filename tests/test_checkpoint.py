@@ -241,3 +241,25 @@ def test_resuming_metrics_drops_later_and_torn_lines(tmp_path):
 ])
 def test_peak_flops_by_device_name(name, peak):
     assert peak_flops_of(name) == peak
+
+
+def test_an_async_save_stages_returns_and_completes_before_the_next_one(tmp_path):
+    """At most one save in flight: the second waits for the first, which is then complete; the
+    one in flight is not a checkpoint until wait() (or poll()) completes it, and then it equals a
+    synchronous save byte for byte."""
+    model = _tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sync, later = Checkpointer(tmp_path / "sync", keep_last=3, rank=0), Checkpointer(tmp_path / "async", keep_last=3, rank=0, async_save=True)
+    for step in (2, 4):
+        sum(p.square().sum() for p in model.parameters()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sync.save(step, model, optimizer, {**STATE, "step": step})
+        later.save(step, model, optimizer, {**STATE, "step": step})
+        assert [p.name for p in later.complete()] == (["step-00000002"] if step == 4 else [])  # 4 is in flight
+    later.wait()
+    assert [p.name for p in later.complete()] == ["step-00000002", "step-00000004"] and later.resume_point().name == "step-00000004"
+    for step in ("step-00000002", "step-00000004"):
+        a, b = tmp_path / "sync" / "checkpoints" / step, tmp_path / "async" / "checkpoints" / step
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert all((a / p.name).read_bytes() == (b / p.name).read_bytes() for p in a.iterdir())

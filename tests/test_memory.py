@@ -154,3 +154,22 @@ def test_a_152k_vocab_cpu_run_stays_small_and_the_plan_holds(qwen_vocab_folder, 
     for rank in report["measured"]:
         assert rank["peak_gib"] < 3.0 and rank["startup_peak_gib"] < 3.0, rank  # the training's peak, and the data's before it
         assert abs(rank["growth_gib"] / report["plan"]["growth_gib"] - 1) <= 0.25, (rank, report["plan"]["growth_gib"])
+
+
+def test_async_saves_staging_is_planned_in_host_memory():
+    """checkpoint.async_save stages each rank's shards of the checkpoint: pinned host memory beside
+    a GPU (its own line, not the device's peak), the same RAM as the training on a CPU."""
+    from limo.engine.memory import STAGING, checkpoint_bytes
+    from limo.model.qwen2 import PRESETS
+
+    args = PRESETS["qwen2.5-32b"]
+    sync = plan_memory(load_config("configs/limo_qwen2.5_32b_8xh100.toml"), args, 8, 80.0)
+    cfg = load_config("configs/limo_qwen2.5_32b_8xh100.toml", ["--checkpoint.async_save=true"])
+    gpu = plan_memory(cfg, args, 8, 80.0)
+    assert gpu.peak_gib == sync.peak_gib and gpu.host == {STAGING: pytest.approx(checkpoint_bytes(cfg, args) / 8 / 2**30)}
+    assert 30 < gpu.host[STAGING] < 31 and f"host memory per rank: {STAGING}" in gpu.report()  # 262 GB over 8 ranks
+    cpu_cfg = load_config("configs/demo.toml", ["--checkpoint.async_save=true"])
+    cpu = plan_memory(cpu_cfg, PRESETS["tiny"], 2, 64.0, path=ExecutionPath.default_for("cpu"))
+    base = plan_memory(load_config("configs/demo.toml"), PRESETS["tiny"], 2, 64.0, path=ExecutionPath.default_for("cpu"))
+    assert cpu.breakdown[STAGING] == pytest.approx(checkpoint_bytes(cpu_cfg, PRESETS["tiny"]) / 2 / 2**30)
+    assert cpu.peak_gib == pytest.approx(base.peak_gib + cpu.breakdown[STAGING]) and not cpu.host

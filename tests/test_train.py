@@ -180,6 +180,36 @@ def test_an_elastic_restart_resumes_by_itself_with_the_same_losses(reference, tm
     assert losses(out) == losses(reference)
 
 
+def test_async_saves_equal_synchronous_ones_byte_for_byte(reference, tmp_path):
+    out = tmp_path / "async"
+    train(out, 2, "--checkpoint.async_save=true")
+    assert losses(out) == losses(reference)
+    want = sorted(p.relative_to(reference) for p in (reference / "checkpoints").rglob("*") if p.is_file())
+    assert sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*") if p.is_file()) == want
+    assert all((out / name).read_bytes() == (reference / name).read_bytes() for name in want)
+
+
+def test_kill_9_during_an_async_write_resumes_from_the_previous_checkpoint(reference, tmp_path):
+    """Rank 1 SIGKILLed in the background write of step 4, while the steps go on: step 4 never
+    becomes a checkpoint, and the rerun resumes from step 2 with the uninterrupted losses."""
+    out = tmp_path / "async-killed"
+    killed = train(out, 2, "--checkpoint.async_save=true", crash_at="write:4", check=False, ENGINE_CRASH_RANK="1")
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step-00000002"]
+    finished = train(out, 2, "--checkpoint.async_save=true")
+    assert "resumed from" in finished.stderr and "step-00000002" in finished.stderr
+    assert losses(out) == losses(reference)
+
+
+def test_a_failed_background_write_fails_the_run_at_the_next_step_with_the_saves_message(tmp_path):
+    out = tmp_path / "async-full"
+    proc = train(out, 2, "--checkpoint.async_save=true", crash_at="nospace:4", check=False)
+    assert proc.returncode != 0
+    assert "saving checkpoint" in proc.stderr and "step-00000004 failed" in proc.stderr and "No space left on device (ENOSPC)" in proc.stderr
+    assert "the newest checkpoint, step-00000002, is untouched" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+
+
 def test_resume_with_the_recipes_bf16_moments_and_weight_decay(tmp_path):
     """The LIMO recipe's optimizer (bf16 moments, weight decay) resumes bitwise, moments still bf16."""
     recipe = ("--optim.state_dtype=bfloat16", "--optim.weight_decay=0.1")

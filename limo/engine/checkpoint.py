@@ -51,6 +51,8 @@ import shutil
 import signal
 import socket
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +212,29 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB ({n:,} bytes)"
 
 
+@dataclass
+class _Save:
+    """A save between its start and its completion (at once when synchronous)."""
+
+    step: int
+    final: Path
+    tmp: Path
+    writer: HashingWriter
+    train_state: dict[str, Any]
+    nbytes: int  # this rank's share of the checkpoint, for a failure's message
+    rng: str  # this rank's RNG state at the save, as JSON
+    future: Future | None = None  # async_save: DCP's background write
+    error: str | None = None
+
+
 class Checkpointer:
-    def __init__(self, output_dir: str | os.PathLike, keep_last: int, rank: int):
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int, rank: int, async_save: bool = False):
         self.root = Path(output_dir) / "checkpoints"
-        self.keep_last, self.rank = keep_last, rank
+        self.keep_last, self.rank, self.async_save = keep_last, rank, async_save
         self._lock_file: Any = None  # rank 0's open lock file, held for the life of the process
         self._claimed = False
+        self._pending: _Save | None = None  # the save in flight (async_save), completed by poll() or wait()
+        self._group: Any = None  # async_save: a gloo group of its own for the background writes' collectives
 
     def complete(self) -> list[Path]:
         """Checkpoint folders renamed into place, oldest first (each still to be verified)."""
@@ -352,8 +371,12 @@ class Checkpointer:
         return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)["state"]}
 
     def save(self, step: int, model, optimizer, train_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` (collective). Hashing happens as the shards are written, inside
-        the save, which step_time excludes."""
+        """Write checkpoint `step` (collective). Synchronous: the shards are written and hashed as
+        they go, then the manifest, then the rename. With async_save the state is staged to host
+        memory and this returns: the write and its hashing go on in the background, and poll()
+        (each step) or wait() completes the checkpoint once every rank's write has finished. At
+        most one save is in flight: a second one waits for the first."""
+        self.wait()
         self._claim()
         final, tmp = self.root / f"step-{step:08d}", self.root / f".step-{step:08d}.tmp"
         if self.rank == 0:
@@ -361,27 +384,58 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         tensors = self._tensors(model, optimizer)
-        writer = HashingWriter(tmp, fail_with=_injected_failure(step, self.rank))
-        failed, detail = False, None
+        writer = HashingWriter(tmp, fail_with=_injected_failure(step, self.rank), on_write=lambda: crash_point(f"write:{step}"), name=final.name)
+        save = _Save(step, final, tmp, writer, train_state, _bytes_written(tensors), json.dumps(_rng_state()))
         try:
-            dcp.save(tensors, storage_writer=writer)  # its writer fsyncs the shards
-            rng = f"rng-rank{self.rank}.json"
-            writer.fs.files[rng] = _write_durably(tmp / rng, json.dumps(_rng_state()))
+            if self.async_save and dist.is_initialized():
+                if self._group is None:
+                    self._group = dist.new_group(backend="gloo")  # DCP's collectives off the training's group
+                save.future = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)  # stages, then returns
+            elif self.async_save:  # one process without a group (tests, tools)
+                save.future = dcp.async_save(tensors, storage_writer=writer, no_dist=True)
+            else:
+                dcp.save(tensors, storage_writer=writer)  # its writer fsyncs the shards
         except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP's is a BaseException; every failure must reach every rank)
-            failed, detail = True, _failure(self.rank, writer.fs.error, e)
-        reports = _all_gather((failed, detail, writer.fs.files, _bytes_written(tensors)))
+            save.error = _failure(self.rank, writer.fs.error, e)
+        self._pending = save
+        if not self.async_save:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """At a step boundary: complete the save in flight if every rank's write has finished (a
+        failed one fails the run here, on every rank, with the save's message)."""
+        if self._pending is not None and self._pending.future is not None:
+            done = _all_gather(self._pending.future.done())
+            if all(done):
+                self.wait()
+
+    def wait(self) -> None:
+        """Complete the save in flight, if any: its shards written and verified on every rank,
+        then rank 0 writes the train state and the manifest and renames the folder into place."""
+        save, self._pending = self._pending, None
+        if save is None:
+            return
+        if save.error is None:
+            try:
+                if save.future is not None:
+                    save.future.result()
+                rng = f"rng-rank{self.rank}.json"
+                save.writer.fs.files[rng] = _write_durably(save.tmp / rng, save.rng)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                save.error = _failure(self.rank, save.writer.fs.error, e)
+        reports = _all_gather((save.error is not None, save.error, save.writer.fs.files, save.nbytes))
         needed = sum(r[3] for r in reports)
-        self._raise_if_failed(final, tmp, [(r[0], r[1]) for r in reports], needed)
-        crash_point(f"save:{step}")
+        self._raise_if_failed(save.final, save.tmp, [(r[0], r[1]) for r in reports], needed)
+        crash_point(f"save:{save.step}")
         failed, detail = False, None
         if self.rank == 0:
             try:
                 files = {name: entry for r in reports for name, entry in r[2].items()}
-                self._complete(step, final, tmp, files, train_state)
+                self._complete(save.step, save.final, save.tmp, files, save.train_state)
             except OSError as e:
                 failed, detail = True, _failure(0, None, e)
-        self._raise_if_failed(final, tmp, [_broadcast((failed, detail))], needed)
-        return final
+        self._raise_if_failed(save.final, save.tmp, [_broadcast((failed, detail))], needed)
 
     def _complete(self, step: int, final: Path, tmp: Path, files: dict[str, Entry], train_state: dict[str, Any]) -> None:
         """Rank 0: the train state, then the manifest of everything, then the rename into place."""

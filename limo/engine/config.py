@@ -125,6 +125,7 @@ class CheckpointConfig:
     keep_last: int = _help("complete checkpoints kept on disk", 2)
     resume: bool = _help("resume from the newest complete checkpoint in output_dir", True)
     export_hf: bool = _help("write a Hugging Face export to output_dir/hf at the end", True)
+    async_save: bool = _help("stage each save to host memory and write and hash it in the background; the steps go on", False)
     override: list[str] = _help(
         "resume although these optimizer/schedule keys differ from the checkpoint's, training on with this run's values "
         "(e.g. optim.lr,train.max_steps); without it such a resume is refused", default_factory=list)

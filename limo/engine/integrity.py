@@ -25,7 +25,7 @@ import errno
 import json
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -106,9 +106,10 @@ class _HashingStream:
 class HashingFileSystem(FileSystem):
     """DCP's local filesystem, keeping {file name: entry} of each file written through it."""
 
-    def __init__(self, fail_with: int | None = None):
+    def __init__(self, fail_with: int | None = None, on_write: Callable[[], None] | None = None):
         super().__init__()
         self.fail_with = fail_with  # an errno every write raises (fault injection for tests)
+        self.on_write = on_write  # called as each file is opened for writing (fault injection for tests)
         self.files: dict[str, Entry] = {}
         self.error: tuple[str, OSError] | None = None
 
@@ -123,6 +124,8 @@ class HashingFileSystem(FileSystem):
                 yield stream
             return
         path = Path(path)
+        if self.on_write is not None:
+            self.on_write()
         try:
             file = open(path, mode)  # noqa: SIM115  (closed by the stream that wraps it, below)
         except OSError as e:
@@ -144,9 +147,17 @@ class HashingFileSystem(FileSystem):
 class HashingWriter(FileSystemWriter):
     """DCP's FileSystemWriter (one file per rank, fsynced) writing through a HashingFileSystem."""
 
-    def __init__(self, path: str | os.PathLike, fail_with: int | None = None):
+    def __init__(self, path: str | os.PathLike, fail_with: int | None = None, on_write: Callable[[], None] | None = None,
+                 name: str | None = None):
         super().__init__(path)
-        self.fs = HashingFileSystem(fail_with)
+        self.fs = HashingFileSystem(fail_with, on_write)
+        self.name = name  # the checkpoint's own name, for .metadata's StorageMeta
+
+    def storage_meta(self) -> StorageMeta:
+        """The checkpoint's name for both ids (not DCP's random save id and the temporary path),
+        so a checkpoint's bytes depend on its contents alone: an async save equals a synchronous one."""
+        name = self.name or Path(self.path).name
+        return StorageMeta(checkpoint_id=name, save_id=name)
 
 
 def write_manifest(folder: Path, files: dict[str, Entry], step: int) -> None:

@@ -86,6 +86,7 @@ class MemoryPlan:
     path: dict[str, str] = field(default_factory=dict)  # the ExecutionPath planned for
     baseline_gib: float = 0.0  # part of the peak the process held before its model existed (CPU)
     config_source: str = ""  # where the model's architecture came from
+    host: dict[str, float] = field(default_factory=dict)  # GiB of host memory per rank beside a GPU's (async saves' pinned staging)
 
     @property
     def growth_gib(self) -> float:
@@ -97,6 +98,8 @@ class MemoryPlan:
         lines = [f"  {k:<{width}}  {v:8.2f} GiB" for k, v in self.breakdown.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  {'peak':<{width}}  {self.peak_gib:8.2f} GiB  ({self.moment}) of {self.capacity_gib:.1f} GiB usable: {verdict}")
+        for k, v in self.host.items():
+            lines.append(f"  host memory per rank: {k} {v:.2f} GiB")
         if self.path:
             lines.append(f"  planned for {self.path['device']}: kernels {self.path['kernels']}, attention {self.path['attention']}")
         return "\n".join(lines)
@@ -135,6 +138,9 @@ def device_capacity_gib(device: torch.device) -> tuple[float, float]:
     return host / int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 0.0
 
 
+STAGING = "async-save staging (this rank's shards of the checkpoint)"
+
+
 def plan_memory(
     cfg: Config,
     args: ModelArgs,
@@ -170,12 +176,17 @@ def plan_memory(
         parts["prefetched blocks' all-gather outputs (CUDA streams)"] = p.prefetch * sizes.n_block * sizes.cb
     parts["allocator"] = (CPU_ALLOCATOR_SLACK if on_cpu else FRAGMENTATION) * sum(parts.values())
     breakdown = {k: v / GIB for k, v in parts.items()}
+    # checkpoint.async_save: each rank stages its shards of the checkpoint (fp32 weights and the
+    # moments) in host memory while the background write runs: pinned host memory beside a GPU,
+    # the same RAM as the training on a CPU.
+    staging = {STAGING: checkpoint_bytes(cfg, args) / sizes.shard / GIB} if cfg.checkpoint.async_save else {}
     if on_cpu:
+        breakdown.update(staging)
         breakdown["process baseline (before the model)"] = baseline_gib
     peak = sum(breakdown.values())
     usable = capacity_gib - reserved_gib
     return MemoryPlan(peak_gib=peak, capacity_gib=usable, fits=peak <= usable, moment=moment, breakdown=breakdown,
-                      path=asdict(path), baseline_gib=baseline_gib if on_cpu else 0.0)  # fmt: skip
+                      path=asdict(path), baseline_gib=baseline_gib if on_cpu else 0.0, host={} if on_cpu else staging)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def train(cfg: Config) -> None:
         samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
         epochs=cfg.train.epochs, world_size=world.world_size, rank=world.rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
     )
-    checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, world.rank)
+    checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, world.rank, async_save=cfg.checkpoint.async_save)
     latest = checkpointer.resume_point()
     if latest is not None and not cfg.checkpoint.resume:  # a fresh run's saves would interleave with the old ones
         raise ConfigError(
@@ -227,6 +227,7 @@ def _steps(cfg: Config, world: Distributed, args: ModelArgs, model: Qwen2, optim
         metrics.log({"step": step, "epoch": batch.epoch, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                      **step_rates(cfg, world, args, batch, step_time), "mem_gb": peak_memory_gb(world.device), "skipped": bad_steps > 0})  # fmt: skip
         crash_point(f"step:{step}")
+        checkpointer.poll()  # async_save: complete the save in flight once every rank's write is done
         stop = preemption.agreed(world.device)
         epoch_end = step % loader.steps_per_epoch == 0 and cfg.checkpoint.at_epoch_end
         periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
@@ -241,10 +242,12 @@ def _steps(cfg: Config, world: Distributed, args: ModelArgs, model: Qwen2, optim
         if saved == step and not stop:  # a signal during this save: the step is saved, stop now
             stop = preemption.agreed(world.device)
         if stop:
+            checkpointer.wait()
             raise Preempted(f"stopped after step {step} of {total_steps} ({preemption.name or 'signalled on another rank'}): "
                             f"{checkpointer.root / f'step-{step:08d}'} holds it; the same command resumes")
         if step >= total_steps:
             break
+    checkpointer.wait()  # async_save: the last save is complete before the export
 
 
 def step_rates(cfg: Config, world: Distributed, args: ModelArgs, batch: Any, step_time: float) -> dict[str, Any]:
