@@ -71,7 +71,8 @@ class Preemption:
     def _late(self) -> None:
         log.error("%s: the grace time of %.0f s ran out before the save was complete; exiting now (the newest complete "
                   "checkpoint is the previous one)", self.name, self.grace_s)
-        logging.shutdown()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         os._exit(PREEMPTED_EXIT)
 
     def agreed(self, device: torch.device) -> bool:
