@@ -400,3 +400,28 @@ def test_pass_at_k_edges_and_large_n():
 def test_pass_at_k_rejects_bad_counts(n, c, k):
     with pytest.raises(ValueError, match="pass_at_k"):
         pass_at_k(n, c, k)
+
+
+# Wrong answers the grader used to accept (issue 26's table, from other graders' public suites):
+# an equation's left side is part of the answer, and an option letter is never a factor.
+@pytest.mark.parametrize("pred, gold", [
+    ("y=5", "x=5"),
+    (r"\cos(x)=\frac{42}{59}", r"\sin(x)=\frac{42}{59}"),
+    (r"\mathrm{E}*2", "E"),
+    ("f(x)=2x", "g(x)=2x"),
+    ("(p,q)=(3,2)", "(a,b)=(3,2)"),
+    (r"C \cdot 3", "C"),
+])
+def test_a_different_left_side_or_a_letter_in_a_product_is_wrong(pred, gold):
+    assert not is_equivalent(pred, gold)
+
+
+# ... while a bare value still matches a gold `name = value` whose left side is what is asked,
+# simple or compound, and the same left side written two ways is the same.
+@pytest.mark.parametrize("pred, gold", [
+    ("7:32", "S=7:32"), ("S=7:32", "7:32"), ("(3,2)", "(p,q)=(3,2)"), ("(p, q) = (3, 2)", "(3,2)"), ("1", "|AB|=1"),
+    ("|AB| = 1", "1"), ("3:2", "V_1:V_2=3:2"), ("a_{1}=5", "a_1=5"), (r"\sin(x)=\frac{1}{2}", r"\sin(x) = 0.5"),
+    ("x=5", "5"), ("E", "E"), ("(E)", "E"), ("C. 5", "C"),
+])
+def test_a_bare_value_matches_a_named_gold_and_the_same_left_side_matches(pred, gold):
+    assert is_equivalent(pred, gold)

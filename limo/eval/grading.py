@@ -16,7 +16,7 @@ from math import expm1, fsum, log1p
 from typing import Sequence
 
 from limo.eval.equivalence import equivalent, quick_verdict
-from limo.eval.normalize import key, normalize
+from limo.eval.normalize import key, left_side, normalize
 from limo.eval.timelimit import TimeLimitExceeded, WorkerCrashed, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BARE_BOX_RE = re.compile(r"\s+([^\s$]+)")
 _BRACE_RE = re.compile(r"(?<!\\)[{}]")
 _CHOICE_RE = re.compile(r"^\(?([A-J])\)?(?:$|[.:)\s])")
+_PRODUCT_RE = re.compile(r"\s*(?:[*^+/=_-]|\\(?:cdot|times|div|frac)(?![a-zA-Z]))")
 # Option letters standing alone, and the words that join them in a hedge ("A or B", "(A), (C)").
 _LETTER_TOKEN_RE = re.compile(r"(?<![A-Za-z\\])\(?([A-J])\)?(?![A-Za-z])")
 _HEDGE_GLUE_RE = re.compile(r"(?:\b(?:or|and|both)\b|[\s,;/&.]|\\[,;!]|~)+", re.IGNORECASE)
@@ -80,7 +81,7 @@ def choice_letter(text: str) -> str | None:
     a hedge that names several options and nothing else ("A or B", "(A) and (C)", "A, B")."""
     norm = normalize(text)
     m = _CHOICE_RE.match(norm)
-    if m is None:
+    if m is None or _PRODUCT_RE.match(norm, m.end(1)):  # `E * 2`, `C \cdot x`: a letter in a product is no option
         return None
     letters = {t.group(1) for t in _LETTER_TOKEN_RE.finditer(norm)}
     if len(letters) > 1 and not _HEDGE_GLUE_RE.sub("", _LETTER_TOKEN_RE.sub("", norm)):
@@ -116,6 +117,9 @@ def is_equivalent(pred: str | None, gold: str | int | float, *, timeout_s: float
     gold_letter = re.fullmatch(r"\(?([A-J])\)?", normalize(gold))
     if gold_letter and key(pred) != key(gold):  # a multiple-choice gold: compare the option letters only
         return choice_letter(pred) == gold_letter.group(1)
+    named = left_side(pred), left_side(gold)
+    if None not in named and named[0] != named[1]:  # `y = 5` is not `x = 5`, nor `\cos(x) = a` `\sin(x) = a`
+        return False
     verdict = quick_verdict(pred, gold)
     if verdict is not None:
         return verdict

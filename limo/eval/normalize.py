@@ -70,7 +70,9 @@ _UNIT_TAIL_RE = re.compile(r"(?<=[\d)])\s*(?:%s)(?:\s*\^\s*\{?[23]\}?)?\s*$" % "
     re.escape(u) for u in _UNITS if len(u) >= 2 and u != "in"))
 # `x =`, `f(x) =`, `a_{n} =`, `\theta =`, `x \approx` at the start (not `<=`, `==`).
 _NAME = r"\\?[a-zA-Z]+(?:_\{?[\w]+\}?)?(?:\([a-zA-Z, ]*\))?"
-_LHS_RE = re.compile(r"^\s*(?:%s)\s*(?:=(?!=)|\\approx)\s*" % _NAME)
+# Compound left sides that name what is asked: `(p, q) =`, `|AB| =`, `V_1 : V_2 =`.
+_COMPOUND = r"\(\s*%s(?:\s*,\s*%s)+\s*\)|\|\s*[a-zA-Z]+\s*\||%s(?:\s*:\s*%s)+" % ((_NAME,) * 4)
+_LHS_RE = re.compile(r"^\s*(?:%s|%s)\s*(?:=(?!=)|\\approx)\s*" % (_COMPOUND, _NAME))
 _NAME_RE = re.compile(r"\s*%s\s*" % _NAME)
 # A word that says "the answer is" before the answer itself.
 _ANSWER_IS_RE = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
@@ -151,6 +153,20 @@ def _normalize(s: str, keep_lhs: bool) -> str:
     if s.count("=") + s.count("\\approx") == 1 and not keep_lhs:
         s = _LHS_RE.sub("", s)
     return _BASE_RE.sub(r"\1", s.strip())
+
+
+def left_side(s: str) -> str | None:
+    """The name an answer gives its value (`x` of `x = 5`, `\\sin(x)` of `\\sin(x) = 0.3`, `(p,q)` of
+    `(p, q) = (3, 2)`), canonical; None when it is no `name = value`. Two answers naming different
+    left sides are different answers, whatever their values."""
+    s = normalize(s, keep_lhs=True)
+    if s.count("=") != 1 or s.count("\\approx") or re.search(r"[<>!]=|==|\\[lg]eq|\\neq", s):
+        return None
+    m = _LHS_RE.match(s)
+    if m is None:
+        return None
+    name = m.group(0).rstrip().removesuffix("=").rstrip()
+    return re.sub(r"_\{(\w)\}", r"_\1", name.replace(" ", ""))
 
 
 def key(s: str) -> str:
