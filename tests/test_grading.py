@@ -425,3 +425,27 @@ def test_a_different_left_side_or_a_letter_in_a_product_is_wrong(pred, gold):
 ])
 def test_a_bare_value_matches_a_named_gold_and_the_same_left_side_matches(pred, gold):
     assert is_equivalent(pred, gold)
+
+
+# Right answers the grader used to reject (issue 26, part 2), each kind as other graders' public
+# suites check it: separators, list glue, trailing words, bare-brace sets, chained inequalities
+# around a function, complex arithmetic.
+@pytest.mark.parametrize("pred, gold", [
+    ("-12;-11;-10", "-12,-11,-10"), ("(0;-2;6)", "(0,-2,6)"), ("p=5,q=2;p=7,q=2", "(5,2),(7,2)"),
+    (r"(1,2) \text{ or } (3,4)", "(1,2),(3,4)"), ("(1,2) and (3,4)", "(1,2),(3,4)"), (r"(1,2) \quad (3,4)", "(1,2),(3,4)"),
+    ("(1,2),(1,2),(3,4)", "(1,2),(3,4)"),
+    ("64 square feet", "64"), ("64", "64 square feet"), (r"17\text{ any text}", "17"), ("17", r"17\text{ any text}"),
+    (r"\pm 3", "{-3,3}"), ("{-3,3}", r"\pm 3"),
+    ("0<f(x)<1", "(0,1)"),
+    ("i(2-i)", "1+2i"), ("1+2i", "i(2-i)"), ("(1+i)^2", "2i"),
+])
+def test_right_answers_written_another_way_are_accepted(pred, gold):
+    assert is_equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("i(2-i)", "2+i"), ("3 and 4", "3"), ("0<f(x)<2", "(0,1)"), ("64 square feet", "65"), ("{-3,3}", "3"),
+    ("2,2,3", "2,3"), ("(1,2),(1,2)", "(1,2),(3,4)"), ("-12;-11", "-12,-11,-10"),
+])
+def test_the_new_readings_do_not_accept_wrong_answers(pred, gold):
+    assert not is_equivalent(pred, gold)

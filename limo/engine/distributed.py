@@ -95,10 +95,21 @@ def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) 
     if not dist.is_initialized():
         # Under CPU offload the gradients clipped (and their norms reduced) live in host memory: gloo does those.
         backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if dev.type == "cuda" else "gloo"
-        # A world of one keeps its rendezvous in memory: no TCP port to pick, so none to lose to another process.
-        alone_store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, **alone_store)
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, store=_store(alone), rank=rank, world_size=world)
     return Distributed(rank, world, local_rank, dev, build_mesh(dev.type, world, dp_replicate))
+
+
+def _store(alone: bool) -> dist.Store:
+    """Where the ranks meet. A world of one keeps it in memory: no TCP port to pick, so none to
+    lose to another process. Under torchrun, the launcher's store, its keys prefixed by the
+    attempt: torchrun keeps one store across `--max-restarts` restarts, where the process groups
+    of a restarted attempt would otherwise read the dead attempt's addresses and wait on them."""
+    if alone:
+        return dist.HashStore()
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://"))
+    return dist.PrefixStore(f"limo/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def build_mesh(device_type: str, world: int, dp_replicate: int) -> DeviceMesh:

@@ -27,7 +27,7 @@ _OPEN, _CLOSE = "([{", ")]}"
 _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}$", re.DOTALL)
 _WORDS_RE = re.compile(r"[A-Za-z][A-Za-z ]*[A-Za-z]")
 _TRANSCENDENTAL_RE = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan|sinh|cosh|tanh|log|ln|lg|exp)(?![a-zA-Z])")
-_VAR = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?"
+_VAR = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?"  # x, a_1, \theta, f(x): what the relation bounds
 _OP = r"(<|>|\\leq|\\geq)"
 _BOUND = r"([^<>=]+?|-?\\infty)"
 _ONE_SIDED_RE = re.compile(rf"\s*({_VAR})\s*{_OP}\s*{_BOUND}\s*")
@@ -208,7 +208,11 @@ def _all_intervals(*trees: Tree) -> bool:
 
 
 def _match_unordered(preds: tuple, golds: tuple) -> bool:
-    """Multiset equality under `trees_equal`: every gold matched by a distinct prediction."""
+    """Multiset equality under `trees_equal`: every gold matched by a distinct prediction. A list
+    of tuples is a set of solutions: a tuple written twice counts once (not a list of numbers,
+    where `2, 2, 3` may be roots with their multiplicity)."""
+    if all(t.kind == "ordered" for t in (*preds, *golds)):
+        preds, golds = _distinct(preds), _distinct(golds)
     if len(preds) != len(golds):
         return False
     unused = list(preds)
@@ -218,6 +222,13 @@ def _match_unordered(preds: tuple, golds: tuple) -> bool:
             return False
         unused.pop(hit)
     return True
+
+
+def _distinct(items: tuple) -> tuple:
+    seen: dict[str, Tree] = {}
+    for item in items:
+        seen.setdefault(key(item.text), item)
+    return tuple(seen.values())
 
 
 def trees_equal(pred: Tree, gold: Tree) -> bool:

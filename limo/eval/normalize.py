@@ -78,6 +78,59 @@ _NAME_RE = re.compile(r"\s*%s\s*" % _NAME)
 _ANSWER_IS_RE = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
 
 
+# List separators: `\quad` between two items; semicolons; a set in bare braces.
+_QUAD_LIST_RE = re.compile(r"(?<=[\d)\]}])\s*\\q?quad\s*(?=[-\d(\[{])")
+_LABELLED_TUPLE_RE = re.compile(r"^\s*%s\s*=\s*([^,=;]+?)(?:\s*,\s*%s\s*=\s*([^,=;]+?))+\s*$" % (_NAME, _NAME))
+_LABELLED_VALUE_RE = re.compile(r"%s\s*=\s*([^,=;]+)" % _NAME)
+# A number followed by words (of three letters or more), none of them joining items of a list.
+_TRAILING_WORDS_RE = re.compile(r"([-+]?\d[\d,]*(?:\.\d+)?)\s+((?:[A-Za-z]{3,}\s*)+)")
+_GLUE_WORDS = {"and", "nor", "plus", "minus", "times", "over", "divided", "mod", "choose", "not"}
+
+
+def _top_level(s: str, ch: str) -> list[int]:
+    """Positions of `ch` outside every bracket pair."""
+    depth, found = 0, []
+    for i, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == ch and depth == 0:
+            found.append(i)
+    return found
+
+
+def _semicolons(s: str) -> str:
+    r"""Semicolons that separate items: `-12;-11;-10` and `(0;-2;6)` (no comma anywhere) read as
+    commas; `p=5,q=2;p=7,q=2` (labelled tuples) as `(5,2), (7,2)`."""
+    if ";" not in s or "\\;" in s:
+        return s
+    if "," not in s:
+        return s.replace(";", ",")
+    cuts = _top_level(s, ";")
+    if not cuts:
+        return s
+    parts = [s[a + 1:b] for a, b in zip([-1, *cuts], [*cuts, len(s)])]
+    if all(_LABELLED_TUPLE_RE.match(p) for p in parts):
+        return ", ".join("(" + ", ".join(v.strip() for v in _LABELLED_VALUE_RE.findall(p)) + ")" for p in parts)
+    return s
+
+
+def _bare_braces(s: str) -> str:
+    r"""`{-3, 3}`: a set written in bare braces (a grouping brace around the whole answer, with a
+    top-level comma inside) -> `\{-3, 3\}`."""
+    t = s.strip()
+    if not (t.startswith("{") and t.endswith("}")) or not _top_level(t[1:-1], ","):
+        return s
+    depth = 0
+    for i, c in enumerate(t):  # the first brace must close at the very end
+        depth += c == "{"
+        depth -= c == "}"
+        if depth == 0 and i < len(t) - 1:
+            return s
+    return "\\{" + t[1:-1] + "\\}"
+
+
 def _unwrap(s: str) -> str:
     r"""`\text{abc}` -> `abc` for every wrapper command, braces matched (nesting allowed); a wrapped
     unit after a number (`5\text{ cm}^2`, `6.5 \mathrm{~m}`) is dropped with its power."""
@@ -132,7 +185,10 @@ def _normalize(s: str, keep_lhs: bool) -> str:
     s = _ANSWER_IS_RE.sub("", s)
     s = _unwrap(s)
     s = _THOUSANDS_SEP_RE.sub(r"\1", s)
+    s = _QUAD_LIST_RE.sub(", ", s)  # `(1,2) \quad (3,4)`: spacing that separates the items of a list
     s = _SPACING_RE.sub(" ", s.replace("\\!", "")).replace("~", " ")
+    s = _semicolons(s)
+    s = _bare_braces(s)
     s = _CIRC_RE.sub("", s)
     s = _ORDINAL_RE.sub(r"\1", s)
     s = _FRAC_ALIASES_RE.sub(r"\\frac", s)
@@ -147,6 +203,8 @@ def _normalize(s: str, keep_lhs: bool) -> str:
     while previous != s:  # "5 \text{ cm}^2", "10 dollars", "90^\circ" -> the number
         previous = s
         s = _UNIT_TAIL_RE.sub("", s).strip()
+    if (m := _TRAILING_WORDS_RE.fullmatch(s)) and not _GLUE_WORDS & set(m.group(2).lower().split()):
+        s = m.group(1)  # "64 square feet", "17 any text": a number, then words about it
     head, approx, _ = s.partition("\\approx")
     if approx and head.strip() and not _NAME_RE.fullmatch(head):
         s = head.strip()  # `x = \frac{1}{3} \approx 0.33`: the exact value is the answer, not its rounding

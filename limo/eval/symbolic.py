@@ -15,7 +15,7 @@ from fractions import Fraction
 from latex2sympy2_extended.math_normalization import NormalizationConfig
 from math_verify import parse, verify
 from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
-from sympy import Basic, Expr, Float, Rational, simplify
+from sympy import Basic, Expr, Float, I, Rational, simplify
 from sympy.core.relational import Equality, Relational
 
 from limo.eval.normalize import REL_TOL
@@ -106,6 +106,18 @@ def relation_equal(pred: str, gold: str) -> bool:
         return False
 
 
+def _complex_equal(pred: Basic, gold: Basic) -> bool:
+    """Complex arithmetic (`i(2-i)` and `1+2i`): when `i` is the only symbol of both, it is the
+    imaginary unit, and the values must be equal."""
+    if not (isinstance(pred, Expr) and isinstance(gold, Expr)):
+        return False
+    symbols = pred.free_symbols | gold.free_symbols
+    if not symbols or any(str(s) != "i" for s in symbols):  # a parser's `i` may carry assumptions: matched by name
+        return False
+    unit = dict.fromkeys(symbols, I)
+    return simplify(pred.subs(unit) - gold.subs(unit)) == 0
+
+
 def symbolic_equal(pred: str, gold: str) -> bool:
     """math-verify's symbolic/numeric equality; and, when one side is a rounded decimal and the
     gold is not an integer, the values within a relative 1e-4."""
@@ -122,6 +134,8 @@ def symbolic_equal(pred: str, gold: str) -> bool:
             return True
         if isinstance(p[0], Relational) and isinstance(g[0], Relational):
             return same_relation(p[0], g[0])
+        if _complex_equal(p[0], g[0]):
+            return True
     except Exception:  # noqa: BLE001 - sympy raises many kinds on odd input: "not shown equal"
         return False
     if not (_has_decimal(pred) or _has_decimal(gold)):
