@@ -266,17 +266,22 @@ def test_llm_adapter_rejects_a_missing_output():
 # The command line, end to end: a tiny random Qwen2 folder, the bundled benchmark files.
 
 
-def test_command_line_on_a_local_model_folder(tmp_path, capsys):
+def _tiny_qwen_folder(model_dir: Path) -> Path:
+    """A random one-layer Qwen2 with the real Qwen2.5 tokenizer and vocabulary, saved as an HF folder."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    model_dir = tmp_path / "tiny"
     tokenizer = AutoTokenizer.from_pretrained(str(shared_path("data", "tokenizers", "qwen2.5")))
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
+    return model_dir
+
+
+def test_command_line_on_a_local_model_folder(tmp_path, capsys):
+    model_dir = _tiny_qwen_folder(tmp_path / "tiny")
 
     out = tmp_path / "out"
     argv = ["--model", str(model_dir), "--benchmarks", "aime24,gpqa", "--limit", "2", "--samples", "2", "--max-tokens", "6",
@@ -358,17 +363,8 @@ def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp
 @pytest.fixture(scope="module")
 def tiny_folder_and_reference(tmp_path_factory):
     """A tiny random Qwen2 with the real tokenizer, and its uninterrupted evaluation (`command`)."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     root = tmp_path_factory.mktemp("signal")
-    model_dir = root / "tiny"
-    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("data", "tokenizers", "qwen2.5")))
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    model_dir = _tiny_qwen_folder(root / "tiny")
 
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "limo.eval.run", "--model", str(model_dir), "--benchmarks", "math500", "--limit", "12",

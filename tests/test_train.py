@@ -145,7 +145,9 @@ def test_sigterm_during_a_step_saves_that_step_exits_in_the_grace_time_and_the_r
     stopped = len(losses(out))
     assert f"preempted: stopped after step {stopped} of 6" in err, f"k={k}\n{err[-3000:]}"  # then torchrun's own report
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
-    assert newest.name == f"step-{stopped:08d}" and _train_state(newest)["preempted"] == "SIGTERM"
+    assert newest.name == f"step-{stopped:08d}"
+    # Marked, unless the signal came during that step's scheduled save (every 2 steps here), the save it stops with.
+    assert _train_state(newest).get("preempted") == "SIGTERM" or (stopped % 2 == 0 and "preempted" not in _train_state(newest))
     assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # keep_last still applies
     train(out)
     assert losses(out) == losses(reference)

@@ -50,8 +50,8 @@ class Preemption:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        if self._watchdog is not None and exc[0] is None:
-            self._watchdog.cancel()  # a clean end; on Preempted the exit follows at once
+        if self._watchdog is not None and exc[0] is not Preempted:
+            self._watchdog.cancel()  # past a preemption save it still bounds the exit; any other end lets its error through
 
     @property
     def name(self) -> str:

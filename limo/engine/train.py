@@ -14,6 +14,7 @@ export; and evaluate the export in a process of its own (`python -m limo.eval.ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -195,59 +196,49 @@ def run_steps(cfg: Config, world: Distributed, out: Path, args: ModelArgs, model
     metrics = MetricsLogger(out, world.is_main, total_steps, step, cfg.train.tensorboard)
     last_sync = time.perf_counter()
     model.train()
-    try:
-        with Preemption(cfg.train.preemption_grace_s) as preemption:
-            _steps(cfg, world, args, model, optimizer, scheduler, loader, checkpointer, total_steps, step, bad_steps, metrics,
-                   last_sync, preemption)  # fmt: skip
-    finally:
-        metrics.close()
-
-
-def _steps(cfg: Config, world: Distributed, args: ModelArgs, model: Qwen2, optimizer: torch.optim.Optimizer, scheduler: Any,
-           loader: Any, checkpointer: Checkpointer, total_steps: int, step: int, bad_steps: int, metrics: MetricsLogger,
-           last_sync: float, preemption: Preemption) -> None:  # fmt: skip
     saved = step  # the step of the newest checkpoint, or where the run began
-    for batch in loader if step < total_steps else ():
-        divisor = max(batch.num_label_tokens, 1)
-        loss_value, norm_value = train_step(model, batch.micro_batches, divisor, world.device, cfg.train.max_grad_norm).tolist()  # host sync
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
-            optimizer.step()
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            log.warning("step %d: non-finite loss %s or grad norm %s; skipped (%d in a row)", step, loss_value, norm_value, bad_steps)
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}); aborting")
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        now = time.perf_counter()
-        step_time, last_sync = now - last_sync, now
-        metrics.log({"step": step, "epoch": batch.epoch, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                     **step_rates(cfg, world, args, batch, step_time), "mem_gb": peak_memory_gb(world.device), "skipped": bad_steps > 0})  # fmt: skip
-        crash_point(f"step:{step}")
-        checkpointer.poll()  # async_save: complete the save in flight once every rank's write is done
-        stop = preemption.agreed(world.device)
-        epoch_end = step % loader.steps_per_epoch == 0 and cfg.checkpoint.at_epoch_end
-        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if epoch_end or periodic or step == total_steps or stop:
-            train_state = {"step": step, "epoch": batch.epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(),
-                           "loader": loader.state_dict(), "settings": resume_settings(cfg)}  # fmt: skip
-            if stop:
-                train_state["preempted"] = preemption.name or "another rank's signal"
-            checkpointer.save(step, model, optimizer, train_state)
-            saved = step
-            last_sync = time.perf_counter()  # the next step's time leaves the save out
-        if saved == step and not stop:  # a signal during this save: the step is saved, stop now
+    with Preemption(cfg.train.preemption_grace_s) as preemption, contextlib.closing(metrics):
+        for batch in loader if step < total_steps else ():
+            divisor = max(batch.num_label_tokens, 1)
+            loss_value, norm_value = train_step(model, batch.micro_batches, divisor, world.device, cfg.train.max_grad_norm).tolist()  # host sync
+            if math.isfinite(loss_value) and math.isfinite(norm_value):
+                optimizer.step()
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                log.warning("step %d: non-finite loss %s or grad norm %s; skipped (%d in a row)", step, loss_value, norm_value, bad_steps)
+                if bad_steps >= cfg.train.max_bad_steps:
+                    raise RuntimeError(f"{bad_steps} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}); aborting")
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            now = time.perf_counter()
+            step_time, last_sync = now - last_sync, now
+            metrics.log({"step": step, "epoch": batch.epoch, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                         **step_rates(cfg, world, args, batch, step_time), "mem_gb": peak_memory_gb(world.device), "skipped": bad_steps > 0})  # fmt: skip
+            crash_point(f"step:{step}")
+            checkpointer.poll()  # async_save: complete the save in flight once every rank's write is done
             stop = preemption.agreed(world.device)
-        if stop:
-            checkpointer.wait()
-            raise Preempted(f"stopped after step {step} of {total_steps} ({preemption.name or 'signalled on another rank'}): "
-                            f"{checkpointer.root / f'step-{step:08d}'} holds it; the same command resumes")
-        if step >= total_steps:
-            break
-    checkpointer.wait()  # async_save: the last save is complete before the export
+            epoch_end = step % loader.steps_per_epoch == 0 and cfg.checkpoint.at_epoch_end
+            periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+            if epoch_end or periodic or step == total_steps or stop:
+                train_state = {"step": step, "epoch": batch.epoch, "bad_steps": bad_steps, "scheduler": scheduler.state_dict(),
+                               "loader": loader.state_dict(), "settings": resume_settings(cfg)}  # fmt: skip
+                if stop:
+                    train_state["preempted"] = preemption.name or "another rank's signal"
+                checkpointer.save(step, model, optimizer, train_state)
+                saved = step
+                last_sync = time.perf_counter()  # the next step's time leaves the save out
+            if saved == step and not stop:  # a signal during this save: the step is saved, stop now
+                stop = preemption.agreed(world.device)
+            if stop:
+                checkpointer.wait()
+                raise Preempted(f"stopped after step {step} of {total_steps} ({preemption.name or 'signalled on another rank'}): "
+                                f"{checkpointer.root / f'step-{step:08d}'} holds it; the same command resumes")
+            if step >= total_steps:
+                break
+        checkpointer.wait()  # async_save: the last save is complete before the export
 
 
 def step_rates(cfg: Config, world: Distributed, args: ModelArgs, batch: Any, step_time: float) -> dict[str, Any]:

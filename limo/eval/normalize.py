@@ -103,7 +103,7 @@ def _top_level(s: str, ch: str) -> list[int]:
 def _semicolons(s: str) -> str:
     r"""Semicolons that separate items: `-12;-11;-10` and `(0;-2;6)` (no comma anywhere) read as
     commas; `p=5,q=2;p=7,q=2` (labelled tuples) as `(5,2), (7,2)`."""
-    if ";" not in s or "\\;" in s:
+    if ";" not in s:  # `\;` (spacing) is gone by now
         return s
     if "," not in s:
         return s.replace(";", ",")
