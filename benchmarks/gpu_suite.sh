@@ -50,20 +50,35 @@ quick() {
     local dev=$1 q="$OUT/quick" sweep=${QUICK_SWEEP:-quick} status=0
     mkdir -p "$q"
     local tests=${QUICK_TESTS:-"tests/test_rmsnorm.py tests/test_cross_entropy.py tests/test_kernels_backend.py tests/test_attention.py tests/test_paged_attention.py tests/test_sampler.py"}
+    # Each step is capped in seconds for a GPU; a CPU (Triton's interpreter, torch.compile's first C++ build)
+    # gets QUICK_CAP_SCALE times as long. A step that fails or hits its cap is named with its exit code.
+    local scale=${QUICK_CAP_SCALE:-$([ -n "${QUICK_ON_CPU:-}" ] && echo 4 || echo 1)}
+    step() {  # step NAME CAP LOG COMMAND...
+        local name=$1 cap=$(($2 * scale)) log=$3 rc
+        shift 3
+        timeout "$cap" "$@" >"$log" 2>&1
+        rc=$?
+        case $rc in
+        0) ;;
+        124) echo "quick: $name: FAILED: stopped at its cap of $cap s (log: $log)"; status=1 ;;
+        *) echo "quick: $name: FAILED: exit $rc (log: $log)"; status=1 ;;
+        esac
+    }
     # 1. The CUDA runs of the kernel, attention, paged-attention and sampler tests.
-    timeout 120 $PY -m pytest -q -p no:cacheprovider --maxfail=5 $tests >"$q/tests-$dev.log" 2>&1 || status=1
+    step tests 120 "$q/tests-$dev.log" $PY -m pytest -q -p no:cacheprovider --maxfail=5 $tests
     echo "quick: tests: $(tail -n 1 "$q/tests-$dev.log")"
-    # 2-6. Each benchmark measures the device's copy bandwidth and bf16 matmul rate first.
-    timeout 45 $PY -m benchmarks.bench_rmsnorm --sweep $sweep --providers ours,compile,liger --rep-ms 50 \
-        --out "$q/rmsnorm-full-$dev.json" >"$q/rmsnorm-$dev.log" 2>&1 || status=1
-    timeout 70 $PY -m benchmarks.bench_cross_entropy --sweep $sweep --modes fwd+bwd --providers ours,eager,liger,liger-fp32 --rep-ms 50 \
-        --out "$q/cross_entropy-$dev.json" >"$q/cross_entropy-$dev.log" 2>&1 || status=1
-    timeout 100 $PY -m benchmarks.bench_train_step --sweep $sweep --compile off --configs "${QUICK_TRAIN_CONFIGS:-}" \
-        --out "$q/train_step-$dev.json" >"$q/train_step-$dev.log" 2>&1 || status=1
-    timeout 120 $PY -m benchmarks.bench_sampler --sweep $sweep --out "$q/sampler-$dev.json" >"$q/sampler-$dev.log" 2>&1 || status=1
+    # 2-5. Each benchmark measures the device's copy bandwidth and bf16 matmul rate first.
+    step rmsnorm 45 "$q/rmsnorm-$dev.log" $PY -m benchmarks.bench_rmsnorm --sweep $sweep --providers ours,compile,liger --rep-ms 50 \
+        --out "$q/rmsnorm-full-$dev.json"
+    step cross_entropy 70 "$q/cross_entropy-$dev.log" $PY -m benchmarks.bench_cross_entropy --sweep $sweep --modes fwd+bwd \
+        --providers ours,eager,liger,liger-fp32 --rep-ms 50 --out "$q/cross_entropy-$dev.json"
+    step train_step 100 "$q/train_step-$dev.log" $PY -m benchmarks.bench_train_step --sweep $sweep --compile off \
+        --configs "${QUICK_TRAIN_CONFIGS:-}" --out "$q/train_step-$dev.json"
+    step sampler 120 "$q/sampler-$dev.log" $PY -m benchmarks.bench_sampler --sweep $sweep --out "$q/sampler-$dev.json"
     for f in rmsnorm cross_entropy train_step sampler; do
         [ -s "$q/$f-$dev.log" ] && echo "quick: $f: $(grep -v '^\s*$' "$q/$f-$dev.log" | tail -n 1 | cut -c1-200)"
     done
+    # 6. The short table, last.
     $PY -m benchmarks.summary --dir "$q" --device "$dev" --partial --out "$OUT/summary-$dev.json" || status=1
     return $status
 }

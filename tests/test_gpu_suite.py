@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -16,7 +17,10 @@ def test_the_quick_stage_runs_every_step_and_writes_a_partial_summary(tmp_path):
     env.update(QUICK_ON_CPU="1", QUICK_SWEEP="smoke", QUICK_TESTS="tests/test_layers.py", PYTHON=sys.executable, OUT=str(tmp_path),
                QUICK_TRAIN_CONFIGS="triton-full-eager-L1,triton-full-eager-L2")  # fmt: skip
     done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    failed = [line.split("(log: ")[-1].rstrip(")") for line in done.stdout.splitlines() if ": FAILED: " in line]
+    logs = "".join(f"\n--- {log}\n" + Path(log).read_text()[-2000:] for log in failed if Path(log).exists())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
+    assert not failed, done.stdout
     for stage in ("rmsnorm-full", "cross_entropy", "train_step", "sampler"):
         result = json.loads((tmp_path / "quick" / f"{stage}-cpu.json").read_text())
         assert result["sweep"] == "smoke" and result["records"], stage
