@@ -449,3 +449,53 @@ def test_right_answers_written_another_way_are_accepted(pred, gold):
 ])
 def test_the_new_readings_do_not_accept_wrong_answers(pred, gold):
     assert not is_equivalent(pred, gold)
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 26, part 3: the kinds the adapted suites (tests/graders, test_peer_suites.py) found
+
+
+@pytest.mark.parametrize("text, want", [
+    (r"\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}", "(2, 2), (6, 2)"),
+    (r"\boxed{1},\boxed{2},\boxed{3}", "1, 2, 3"),
+    (r"the answers are \boxed{1} and \boxed{-2}.", "1, -2"),
+    (r"\(\boxed{1}\) and \(\boxed{-2}\).", "1, -2"),                     # across formulas, when "and" lists them
+    (r"\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}", "(3, 3), (1, 1)"),
+    (r"$$\boxed{20}$$ \boxed{143}", "143"),                                # a try, then the answer: not a list
+    (r"\boxed{3}. Wait, that is wrong: \boxed{5}", "5"),                   # a sentence between them: not a list
+    (r"so \boxed{7} \text{ is 7 } \boxed{8}", "8"),                        # a \text{} with a digit says something
+])
+def test_boxes_listed_together_are_one_answer(text, want):
+    assert extract_answer(text) == want
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("3128 1/2", "3128.5"),                                   # a mixed number in plain text
+    (r"56,\!01,\!78,\!95,\!760", "56017895760"),              # `,\!` grouping digits in twos
+    (r"14 {, }916", "14916"),
+    (r"\mathcal{B}", "B"),
+    ("C", "C. x = 42"), ("(B)", "B) 3"),                      # a gold that is an option and its content
+    (r"\frac{1}{3},", r"\frac{1}{3}"),                        # a trailing comma
+    ("(7,11), (11,7)", "(11,7)or(7,11)"),
+    (r"\frac{1}{\sqrt{6}}", r"\frac{NO}{BO}=\frac{1}{\sqrt{6}}"),
+    ("p=5,q=2;p=7,q=2", r"p = 5, q = 2 \quad \text{and} \quad p = 7, q = 2"),
+    (r"\\left(\\frac{1}{5},\\frac{1}{6}\\right)", r"\left( \frac{1}{5}, \frac{1}{6} \right)"),  # backslashes escaped twice
+    ("x >= 5", r"x \geq 5"), ("x != 3", r"x \neq 3"),
+    (r"\left[\begin{array}{cc}1 & 2 \\3 & 4\end{array}\right]", r"\begin{pmatrix}1 & 2 \\3 & 4\end{pmatrix}"),
+])
+def test_right_answers_the_suites_found_are_accepted(pred, gold):
+    assert is_equivalent(pred, gold) and is_equivalent(gold, pred)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("E'", "E"), ("f'(x)", "f(x)"),                           # a prime is part of the name
+    ("1, 2, 3, ...", "1, 2, 3"), (r"1, 2, 3, \ldots", "1, 2, 3"),  # a sequence that goes on
+    ("D", "C. x = 42"), ("2 1/3", "2.5"), ("3 1/2", "1.5"),        # 3 1/2 is three and a half, never 3 * 1/2
+    (r"\mathbb{R}", "R"),                                     # the reals, not a styled letter
+    ("3{,}5", "3.5"),                                         # a decimal comma is not read
+    (r"\frac{1}{\sqrt{6}}", r"\frac{NO}{CO}=\frac{1}{\sqrt{5}}"),
+    ("(5, 2), (7, 3)", r"p = 5, q = 2 \quad \text{and} \quad p = 7, q = 2"),
+    ("x <= 5", r"x \geq 5"),
+])
+def test_the_suites_wrong_answers_and_near_misses_are_refused(pred, gold):
+    assert not is_equivalent(pred, gold) and not is_equivalent(gold, pred)

@@ -37,7 +37,8 @@ _LESS = ("<", "\\leq")
 _FLIP = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
 _RELATION_OP_RE = re.compile(r"\\leq|\\geq|\\neq|<|>|=")
 _LHS_NAME_RE = re.compile(r"\s*((?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z, ]*\))?)\s*=(?!=)")
-_OR_RE = re.compile(r"\s+(?:or|and)\s+|\\(?:text\{ ?or ?\}|lor|vee)")
+_PRIME_RE = re.compile(r"(?:(?<![A-Za-z])[A-Za-z]|\))'|\\prime(?![a-zA-Z])")  # E', f'(x), (x)': not "Paul's"
+_OR_RE = re.compile(r"\s+(?:or|and)\s+|(?<=[)\]])\s*(?:or|and)\s*(?=[(\[])|\\(?:text\{ ?or ?\}|lor|vee)")  # `(11,7)or(7,11)` too
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def parse_tree(text: str) -> Tree:
     """Read an answer's structure (see the module docstring)."""
     s = normalize(text)
     s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)
+    if s[:1] in "([" and s[-1:] in ")]" and _MATRIX_RE.match(s[1:-1].strip()):
+        s = s[1:-1].strip()  # `\left[\begin{array}{cc}...\end{array}\right]`: the brackets are the matrix's own
     if m := _MATRIX_RE.match(s):
         rows = [r for r in split_top(m.group(2), "\\\\") if r]
         return Tree("matrix", s, tuple(tuple(parse_tree(c) for c in split_top(r, "&")) for r in rows))
@@ -179,6 +182,8 @@ def quick_verdict(pred: str, gold: str) -> bool | None:
     two plain numeric literals (exactly, or within REL_TOL when rounded). None: not settled here."""
     if key(pred) == key(gold):
         return True
+    if bool(_PRIME_RE.search(key(pred))) != bool(_PRIME_RE.search(key(gold))):
+        return False  # `E'` is not `E`, nor `f'(x)` `f(x)`: sympy drops the prime
     p, g = parse_number(pred), parse_number(gold)
     if p is not None and g is not None:
         return numbers_match(p, g)

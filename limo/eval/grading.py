@@ -26,7 +26,23 @@ DEFAULT_TIMEOUT_S = 5.0
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BARE_BOX_RE = re.compile(r"\s+([^\s$]+)")
 _BRACE_RE = re.compile(r"(?<!\\)[{}]")
+# What may stand between two boxes that list one answer's items: commas, "and", spacing, a short
+# \text{} ("\text{ for part (a) and }"). Formula delimiters only with a comma or "and" among them
+# (`\(\boxed{1}\) and \(\boxed{-2}\)`): `$$\boxed{20}$$ \boxed{143}` is a try and then the answer.
+_LIST_GLUE_RE = re.compile(r"(?:\s|[,;]|\\[,;:! ]|\\q?quad(?![a-zA-Z])|\b(?:and|or)\b|\\text\s*\{[^{}$\d]{0,40}\}|\$|\\[()\[\]])*")
+_DELIMITER_RE = re.compile(r"\$|\\[()\[\]]")
+_JOINER_RE = re.compile(r",|\band\b")
+
+
+def listed_with(text: str, end: int, start: int) -> bool:
+    """Does text[end:start], between two answers, only list them (see _LIST_GLUE_RE)?"""
+    if not _LIST_GLUE_RE.fullmatch(text, end, start):
+        return False
+    glue = text[end:start]
+    return not _DELIMITER_RE.search(glue) or bool(_JOINER_RE.search(glue))
 _CHOICE_RE = re.compile(r"^\(?([A-J])\)?(?:$|[.:)\s])")
+# A gold that is an option: the letter alone, or the letter then its content ("C. x = 42", "(B) 3").
+_GOLD_LETTER_RE = re.compile(r"\(?([A-J])\)?(?:[.:)]\s+\S.*)?")
 _PRODUCT_RE = re.compile(r"\s*(?:[*^+/=_-]|\\(?:cdot|times|div|frac)(?![a-zA-Z]))")
 # Option letters standing alone, and the words that join them in a hedge ("A or B", "(A), (C)").
 _LETTER_TOKEN_RE = re.compile(r"(?<![A-Za-z\\])\(?([A-J])\)?(?![A-Za-z])")
@@ -50,12 +66,11 @@ def _closing_brace(text: str, start: int, limit: int) -> int | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    r"""The content of the last complete `\boxed{...}` (braces matched; `\fbox` too; `\boxed 5`
-    without braces); None when the text has none. An unclosed `\boxed{` (an output cut at the
-    length limit) and an empty box are not answers."""
-    if not isinstance(text, str):
-        raise TypeError(f"extract_answer expects the model's output text (str), got {type(text).__name__}")
+def _last_boxes(text: str) -> list[tuple[int, int, str]]:
+    r"""The complete boxes of `text` from the last backwards, as (start, end, content), stopping at
+    the first earlier box that does not close. Each box's braces are matched; `\boxed 5` without
+    braces counts; an empty box is skipped."""
+    found = []
     # A `{` still open at `open_at` never closes, and neither does any box that contains it: each
     # earlier box is read only up to there, so a run of unclosed boxes costs linear time.
     open_at = len(text)
@@ -67,13 +82,33 @@ def extract_answer(text: str) -> str | None:
             end = _closing_brace(text, j, open_at)
             if end is None:
                 open_at = j
-            content = text[j + 1:end].strip() if end is not None else ""
+                continue
+            content, stop = text[j + 1:end].strip(), end + 1
         else:
             bare = _BARE_BOX_RE.match(text, m.end())
-            content = bare.group(1).rstrip(".,;:") if bare else ""
-        if content:
-            return content
-    return None
+            content, stop = (bare.group(1).rstrip(".,;:"), bare.end()) if bare else ("", m.end())
+        if content and not (found and stop > found[-1][0]):  # a box inside the one found after it is its content
+            found.append((m.start(), stop, content))
+    return found
+
+
+def extract_answer(text: str) -> str | None:
+    r"""The answer of a model's output: the content of its last complete `\boxed{...}` (braces
+    matched; `\fbox` too; `\boxed 5` without braces), with the boxes listed right before it in the
+    same formula (`\boxed{1}, \boxed{2}`; `\boxed{(2,2)} \quad \text{and} \quad \boxed{(6,2)}`)
+    joined as one list. None when the text has none. An unclosed `\boxed{` (an output cut at the
+    length limit) and an empty box are not answers."""
+    if not isinstance(text, str):
+        raise TypeError(f"extract_answer expects the model's output text (str), got {type(text).__name__}")
+    boxes = _last_boxes(text)
+    if not boxes:
+        return None
+    listed = [boxes[0][2]]
+    for (start, _, _), (_, end, content) in zip(boxes, boxes[1:]):
+        if not listed_with(text, end, start):
+            break
+        listed.append(content)
+    return ", ".join(reversed(listed))
 
 
 def choice_letter(text: str) -> str | None:
@@ -114,8 +149,8 @@ def is_equivalent(pred: str | None, gold: str | int | float, *, timeout_s: float
         return pred.strip() == gold.strip()
     if pred is None or not normalize(pred) or not normalize(gold):
         return False
-    gold_letter = re.fullmatch(r"\(?([A-J])\)?", normalize(gold))
-    if gold_letter and key(pred) != key(gold):  # a multiple-choice gold: compare the option letters only
+    gold_letter = _GOLD_LETTER_RE.fullmatch(normalize(gold))
+    if gold_letter and key(pred) != key(gold):  # a multiple-choice gold ("C", or "C. x = 42"): the option letters decide
         return choice_letter(pred) == gold_letter.group(1)
     named = left_side(pred), left_side(gold)
     if None not in named and named[0] != named[1]:  # `y = 5` is not `x = 5`, nor `\cos(x) = a` `\sin(x) = a`

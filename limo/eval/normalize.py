@@ -28,15 +28,18 @@ _UNICODE = {
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 
 # Commands that only change how text looks: `\text{x}` -> `x`.
+# `\mathcal{B}` is the letter B (an option, a point); `\mathbb{R}` is not a styled R and stays.
 _WRAPPERS = ("text", "textnormal", "textbf", "textit", "textrm", "texttt", "textsf", "mathrm", "mathbf", "mathit", "mathsf", "mathtt",
-             "mbox", "hbox", "operatorname", "boldsymbol", "bm", "displaystyle", "textstyle", "emph")
+             "mathcal", "mathscr", "mbox", "hbox", "operatorname", "boldsymbol", "bm", "displaystyle", "textstyle", "emph")
 _WRAPPER_RE = re.compile(r"\\(?:%s)\s*\{" % "|".join(_WRAPPERS))
 
 # Spacing and sizing commands, deleted outright.
 _SPACING_RE = re.compile(r"(?<!\\)\\(?:[,;:> ]|quad|qquad|enspace|thinspace|medspace|thickspace|hfill|displaystyle|textstyle)"
                          r"|\\(?:left|right|big|Big|bigg|Bigg)[lr]?(?![a-zA-Z])")
-# `10,\!080`, `11,\! 111`, `1{,}000`: a thousands separator the writer marked as one.
-_THOUSANDS_SEP_RE = re.compile(r"(\d)(?:,\\!|\{,\})\s*(?=\d{3}(?!\d))")
+# `10,\!080`, `11,\! 111`, `1{,}000`: a thousands separator the writer marked as one; `,\!` also
+# between groups of two (`56,\!01,\!78,\!95,\!760`: Indian digit grouping), `{,}` only before three
+# digits (`3{,}5` is a decimal comma, which we never read: see the README's conventions).
+_THOUSANDS_SEP_RE = re.compile(r"(\d)\s*(?:,\\!\s*(?=\d{2,3}(?!\d))|\{\s*,\s*\}\s*(?=\d{3}(?!\d)))")
 # "12^{th}", "3rd": the ordinal suffix of a number.
 _ORDINAL_RE = re.compile(r"(\d)\s*(?:\^\s*\{\s*(?:st|nd|rd|th)\s*\}|\^\s*(?:st|nd|rd|th)|(?:st|nd|rd|th))(?![a-zA-Z])")
 # "4343_6", "1011_{2}": digits with their base as a subscript; the digits are the answer.
@@ -48,7 +51,13 @@ _FRAC_SHORT_RE = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\})")
 _SQRT_SHORT_RE = re.compile(r"\\sqrt\s*(\d+|[a-zA-Z])")
 _RELATIONS = {r"\le": r"\leq", r"\ge": r"\geq", r"\leqslant": r"\leq", r"\geqslant": r"\geq", r"\ne": r"\neq",
               r"\lt": "<", r"\gt": ">", r"\to": r"\rightarrow"}
+_ASCII_RELATIONS = {">=": "\\geq ", "<=": "\\leq ", "!=": "\\neq ", "=>": "\\Rightarrow "}
+_ASCII_RELATION_RE = re.compile(r">=|<=|!=")
 _RELATION_RE = re.compile(r"(\\(?:leqslant|geqslant|le|ge|ne|lt|gt|to))(?![a-zA-Z])")
+# `\\frac`, `\\left(`: a command's backslash escaped twice (text that went through a string
+# literal); a real `\\` (a matrix's row break) is never followed by one of these names directly.
+_DOUBLED_BACKSLASH_RE = re.compile(r"(?<!\\)\\\\(?=(?:[dt]?frac|left|right|sqrt|pi|cdot|times|infty|text|circ)(?![a-zA-Z]))")
+_ELLIPSIS_END_RE = re.compile(r"(?:\.\.\.|\\[lc]?dots|\\ldots)\s*\.?$")
 _INFINITY_RE = re.compile(r"(?<![a-zA-Z\\])(?:inf(?:inity)?|oo)(?![a-zA-Z])", re.IGNORECASE)
 
 # Units dropped from the end of an answer (after `\text{}` was unwrapped), longest first.
@@ -70,8 +79,8 @@ _UNIT_TAIL_RE = re.compile(r"(?<=[\d)])\s*(?:%s)(?:\s*\^\s*\{?[23]\}?)?\s*$" % "
     re.escape(u) for u in _UNITS if len(u) >= 2 and u != "in"))
 # `x =`, `f(x) =`, `a_{n} =`, `\theta =`, `x \approx` at the start (not `<=`, `==`).
 _NAME = r"\\?[a-zA-Z]+(?:_\{?[\w]+\}?)?(?:\([a-zA-Z, ]*\))?"
-# Compound left sides that name what is asked: `(p, q) =`, `|AB| =`, `V_1 : V_2 =`.
-_COMPOUND = r"\(\s*%s(?:\s*,\s*%s)+\s*\)|\|\s*[a-zA-Z]+\s*\||%s(?:\s*:\s*%s)+" % ((_NAME,) * 4)
+# Compound left sides that name what is asked: `(p, q) =`, `|AB| =`, `V_1 : V_2 =`, `\frac{NO}{BO} =`.
+_COMPOUND = r"\(\s*%s(?:\s*,\s*%s)+\s*\)|\|\s*[a-zA-Z]+\s*\||%s(?:\s*:\s*%s)+|\\frac\{\s*%s\s*\}\{\s*%s\s*\}" % ((_NAME,) * 6)
 _LHS_RE = re.compile(r"^\s*(?:%s|%s)\s*(?:=(?!=)|\\approx)\s*" % (_COMPOUND, _NAME))
 _NAME_RE = re.compile(r"\s*%s\s*" % _NAME)
 # A word that says "the answer is" before the answer itself.
@@ -80,6 +89,7 @@ _ANSWER_IS_RE = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", 
 
 # List separators: `\quad` between two items; semicolons; a set in bare braces.
 _QUAD_LIST_RE = re.compile(r"(?<=[\d)\]}])\s*\\q?quad\s*(?=[-\d(\[{])")
+_JOIN_RE = re.compile(r"\s+(?:and|or)\s+")
 _LABELLED_TUPLE_RE = re.compile(r"^\s*%s\s*=\s*([^,=;]+?)(?:\s*,\s*%s\s*=\s*([^,=;]+?))+\s*$" % (_NAME, _NAME))
 _LABELLED_VALUE_RE = re.compile(r"%s\s*=\s*([^,=;]+)" % _NAME)
 # A number followed by words (of three letters or more), none of them joining items of a list.
@@ -104,13 +114,19 @@ def _semicolons(s: str) -> str:
     r"""Semicolons that separate items: `-12;-11;-10` and `(0;-2;6)` (no comma anywhere) read as
     commas; `p=5,q=2;p=7,q=2` (labelled tuples) as `(5,2), (7,2)`."""
     if ";" not in s:  # `\;` (spacing) is gone by now
-        return s
+        return _labelled_tuples(s, _JOIN_RE) if _JOIN_RE.search(s) else s
     if "," not in s:
         return s.replace(";", ",")
-    cuts = _top_level(s, ";")
+    return _labelled_tuples(s, re.compile(";"))
+
+
+def _labelled_tuples(s: str, separator: re.Pattern) -> str:
+    """`p=5,q=2 ; p=7,q=2` (or joined by "and", "or") -> `(5, 2), (7, 2)` when every part is one."""
+    cuts = [m for m in separator.finditer(s) if m.start() in _top_level(s, s[m.start()])]
     if not cuts:
         return s
-    parts = [s[a + 1:b] for a, b in zip([-1, *cuts], [*cuts, len(s)])]
+    bounds = [0, *(x for m in cuts for x in (m.start(), m.end())), len(s)]
+    parts = [s[a:b] for a, b in zip(bounds[::2], bounds[1::2])]
     if all(_LABELLED_TUPLE_RE.match(p) for p in parts):
         return ", ".join("(" + ", ".join(v.strip() for v in _LABELLED_VALUE_RE.findall(p)) + ")" for p in parts)
     return s
@@ -182,6 +198,7 @@ def _normalize(s: str, keep_lhs: bool) -> str:
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group()], str(s))
     s = strip_math_delimiters(s.replace("\n", " "))
     s = s.replace("\\$", " ").replace("$", " ")
+    s = _DOUBLED_BACKSLASH_RE.sub(r"\\", s)
     s = _ANSWER_IS_RE.sub("", s)
     s = _unwrap(s)
     s = _THOUSANDS_SEP_RE.sub(r"\1", s)
@@ -195,10 +212,12 @@ def _normalize(s: str, keep_lhs: bool) -> str:
     s = _FRAC_SHORT_RE.sub(lambda m: r"\frac{%s}{%s}" % (m.group(1).strip("{}"), m.group(2).strip("{}")), s)
     s = _SQRT_SHORT_RE.sub(r"\\sqrt{\1}", s)
     s = _RELATION_RE.sub(lambda m: _RELATIONS[m.group(1)], s)
+    s = _ASCII_RELATION_RE.sub(lambda m: _ASCII_RELATIONS[m.group()], s)  # `x >= 5` is `x \geq 5`
     s = _INFINITY_RE.sub(r"\\infty", s)
     s = s.replace("\\%", "%").replace("\\#", " ")
     s = re.sub(r"\s+", " ", s).strip()
-    s = s.rstrip(".").strip()
+    if not _ELLIPSIS_END_RE.search(s):  # `1, 2, 3, \ldots` is a sequence that goes on, not `1, 2, 3`
+        s = s.rstrip(".,").strip()
     previous = None
     while previous != s:  # "5 \text{ cm}^2", "10 dollars", "90^\circ" -> the number
         previous = s
@@ -247,7 +266,8 @@ _SCI_RE = re.compile(r"(%s)\s*(?:[eE]\s*([-+]?\d+)|(?:\\times|\\cdot|\*|x)\s*10\
 _POW10_RE = re.compile(r"10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
 _FRAC_RE = re.compile(r"([-+]?)\s*\\frac\{\s*(%s)\s*\}\{\s*(%s)\s*\}" % (_NUM, _NUM))
 _SLASH_RE = re.compile(r"(%s)\s*/\s*(%s)" % (_NUM, _NUM))
-_MIXED_RE = re.compile(r"([-+]?)(\d+)\s*\\frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}")
+# A mixed number: `7\frac{3}{11}`, or in plain text with a space, `3128 1/2`.
+_MIXED_RE = re.compile(r"([-+]?)(\d+)(?:\s*\\frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}|\s+(\d+)\s*/\s*(\d+))")
 
 
 @dataclass(frozen=True)
@@ -293,7 +313,7 @@ def parse_number(s: str) -> Number | None:
             scale = _power_of_ten(m.group(1))
             return None if scale is None else Number(scale, percent=percent)
         if m := _MIXED_RE.fullmatch(s):
-            whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+            whole, num, den = int(m.group(2)), int(m.group(3) or m.group(5)), int(m.group(4) or m.group(6))
             if den != 0 and num < den:
                 sign = -1 if m.group(1) == "-" else 1
                 return Number(sign * (whole + Fraction(num, den)), percent=percent)

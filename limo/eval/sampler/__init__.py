@@ -1,4 +1,4 @@
-"""Paged-KV sampler: `from eval.sampler import LLM, SamplingParams, Output`.
+"""Paged-KV sampler: `from limo.eval.sampler import LLM, SamplingParams, Output`.
 
 sequence (requests and samples) -> block_manager (KV pages, pure Python) -> scheduler
 (continuous batching, preemption by recompute) -> runner (packed prefill, paged decode, CUDA
