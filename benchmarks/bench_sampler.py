@@ -212,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--out", type=Path, default=None, help="JSON output path (default: print only)")
     p.add_argument("--host", action="store_true", help="the host side per decode step, with a null model (bench_sampler_cpu.py)")
+    p.add_argument("--tp", default="1,2", help="--host: tensor-parallel sizes whose rank-0 host work is measured (default 1,2)")
     p.add_argument("--contexts", nargs="?", const="256,1024,4096",
                    help="CPU time per decode step of the tiny model at these contexts (default 256,1024,4096)")
     args = p.parse_args(argv)
     if args.host or args.contexts:
         args.host_batches = tuple(int(b) for b in args.batches.split(",") if b) or (1, 64, 256)
+        args.host_tp = tuple(int(t) for t in args.tp.split(",") if t)
         args.contexts = [int(c) for c in (args.contexts or "").split(",") if c]
         return bench_sampler_cpu.main(args)
     sweep = SWEEPS[args.sweep]

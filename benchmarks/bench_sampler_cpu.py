@@ -62,8 +62,60 @@ def _timed(obj: object, name: str, into: list[float], clock: Callable[[], float]
     setattr(obj, name, wrapper)
 
 
-def host_step(batch: int) -> dict:
-    """Host microseconds per decode step (and per sequence) at `batch` running sequences."""
+def _null_worker(rank: int, size: int, init_file: str) -> None:
+    """A tensor-parallel worker's host side: receive every step's inputs; the model is null."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    from limo.eval.sampler.workers import recv_step
+
+    while recv_step(dist.group.WORLD) is not None:
+        pass
+    dist.destroy_process_group()
+
+
+class _NullGroup:
+    """Rank 0 of a gloo group of `size` whose other ranks only receive the steps (_null_worker):
+    what tensor parallelism adds to rank 0's host work, the broadcast of each step's inputs."""
+
+    def __init__(self, size: int):
+        import tempfile
+
+        import torch.distributed as dist
+        import torch.multiprocessing as mp
+
+        self.dir = tempfile.mkdtemp(prefix="limo-host-")
+        init = f"{self.dir}/rendezvous"
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_null_worker, args=(r, size, init), daemon=True) for r in range(1, size)]
+        for p in self.procs:
+            p.start()
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=size)
+
+    def broadcast(self, step) -> None:
+        import torch.distributed as dist
+
+        from limo.eval.sampler.workers import send_step
+
+        send_step(step, dist.group.WORLD)
+
+    def close(self) -> None:
+        import shutil
+
+        import torch.distributed as dist
+
+        from limo.eval.sampler.workers import send_step
+
+        send_step(None, dist.group.WORLD)
+        for p in self.procs:
+            p.join(timeout=30)
+        dist.destroy_process_group()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def host_step(batch: int, tp: int = 1) -> dict:
+    """Host microseconds per decode step (and per sequence) at `batch` running sequences; at
+    `tp` > 1 with each step broadcast to tp - 1 null workers, as rank 0 of a tensor-parallel sampler does."""
     from limo.eval.sampler import LLM, SamplingParams
 
     n = SAMPLES_PER_PROMPT if batch >= SAMPLES_PER_PROMPT else 1
@@ -90,6 +142,11 @@ def host_step(batch: int) -> dict:
         return out
 
     llm.scheduler.schedule, llm.scheduler.postprocess = schedule, postprocess
+    group = _NullGroup(tp) if tp > 1 else None
+    sends: list[float] = []
+    if group is not None:
+        llm.runner.broadcast = group.broadcast
+        _timed(llm.runner, "broadcast", sends, clock)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, NULL_VOCAB, (prompts, PROMPT_TOKENS), generator=g).tolist()
     params = SamplingParams(temperature=0.7, max_tokens=NEW_TOKENS, n=n, seed=0, ignore_eos=True)
@@ -99,13 +156,16 @@ def host_step(batch: int) -> dict:
         llm.generate(ids, params, use_tqdm=False)
     finally:
         torch.set_num_threads(threads)
+        if group is not None:
+            group.close()
     # Steady state: the steps whose batch is full (the ramp-up and the draining tail are shorter).
     full = [(t, i) for t, b, i in steps if b == batch] or [(t, i) for t, b, i in steps]
     step_s = statistics.median(t for t, _ in full)
     math_s = statistics.median(sampler[i - 1] for _, i in full)
     host_us = (step_s - math_s) * 1e6
-    return {"batch": batch, "samples_per_prompt": n, "decode_steps": len(steps), "preemptions": llm.scheduler.num_preemptions,
-            "host_us_per_step": host_us, "host_us_per_sequence": host_us / batch, "sampler_math_us_per_step": math_s * 1e6,
+    send_us = statistics.median(sends[-len(full):]) * 1e6 if sends else 0.0  # the decode steps' (the last ones)
+    return {"batch": batch, "tp": tp, "samples_per_prompt": n, "decode_steps": len(steps), "preemptions": llm.scheduler.num_preemptions,
+            "host_us_per_step": host_us, "broadcast_us_per_step": send_us, "host_us_per_sequence": host_us / batch, "sampler_math_us_per_step": math_s * 1e6,
             "goal_us_per_step": HOST_GOAL_US_AT_256 if batch == 256 else None}  # fmt: skip
 
 
@@ -136,10 +196,10 @@ def context_steps(contexts: list[int], batch: int = 64, new_tokens: int = 9) -> 
                       max_model_len=longest)  # fmt: skip
         decode, forward = llm.runner.decode, []
 
-        def timed_decode(seqs):  # a step's time, if the whole batch ran in it
+        def timed_decode(last_ids, lens, rows):  # a step's time, if the whole batch ran in it
             start = time.thread_time()
-            out = decode(seqs)
-            if len(seqs) == batch:
+            out = decode(last_ids, lens, rows)
+            if len(lens) == batch:
                 forward.append(time.thread_time() - start)
             return out
 
@@ -175,9 +235,9 @@ def main(args) -> int:
 
     device = torch.device("cpu")
     if args.host:
-        rows = [host_step(b) for b in args.host_batches]
+        rows = [host_step(b, tp) for tp in args.host_tp for b in args.host_batches]
         for r in rows:
-            print(f"batch {r['batch']:>3} ({r['samples_per_prompt']} per prompt, {r['preemptions']} preemptions): host "
+            print(f"T={r['tp']} batch {r['batch']:>3} ({r['samples_per_prompt']} per prompt, {r['preemptions']} preemptions): host "
                   f"{r['host_us_per_step']:8.0f} us per step, {r['host_us_per_sequence']:6.2f} us per sequence; sampler math "
                   f"{r['sampler_math_us_per_step']:7.0f} us" + (f"  (goal <= {r['goal_us_per_step']:.0f} us)" if r["goal_us_per_step"] else ""))
     else:
@@ -186,6 +246,17 @@ def main(args) -> int:
             print(f"context {r['context']:>6}: {r['ms_per_step']:8.1f} ms per decode step at batch {r['batch']} "
                   f"({1024 * r['ms_per_step'] / r['context']:5.1f} ms per 1k tokens of context; "
                   f"{r['attention_ms_per_step']:.1f} ms of it paged attention)")
+    if args.host and len(args.host_tp) > 1:
+        for b in args.host_batches:
+            one, *rest = [r for r in rows if r["batch"] == b]
+            for r in rest:
+                # What T adds to rank 0 is the step's broadcast, timed inside the run; the two runs' totals
+                # also differ by this machine's noise (another process shares its 2 cores), printed beside.
+                r["vs_tp1"] = (one["host_us_per_step"] + r["broadcast_us_per_step"]) / one["host_us_per_step"]
+                r["vs_tp1_runs"] = r["host_us_per_step"] / one["host_us_per_step"]
+                goal = "  (goal <= 1.3x at batch 256)" if b == 256 else ""
+                print(f"batch {b:>3}: T={r['tp']} adds {r['broadcast_us_per_step']:.0f} us of broadcast per step to rank 0: "
+                      f"{r['vs_tp1']:.2f}x T=1's host work{goal} (the two runs' totals: {r['vs_tp1_runs']:.2f}x)")
     if args.out:
         payload = {"bench": "sampler_host" if args.host else "sampler_contexts", "environment": environment(device), "rows": rows}
         args.out.write_text(json.dumps(payload, indent=1))

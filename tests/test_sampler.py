@@ -98,7 +98,9 @@ def test_paged_decode_logits_match_dense_forward(hf_model, model_dir, triton_onl
     for row, s in enumerate(seqs):
         s.table_row = 1 - row  # table rows need not follow the batch order
         bm.allocate(s)
-    logits = runner.prefill(seqs)
+    cu = [0, seqs[0].num_tokens, seqs[0].num_tokens + seqs[1].num_tokens]
+    logits = runner.prefill([t for s in seqs for t in s.token_ids], [p for s in seqs for p in range(s.num_tokens)],
+                            [runner._slot(s, p) for s in seqs for p in range(s.num_tokens)], cu)  # fmt: skip
     for step in range(5):
         with torch.no_grad():
             want = torch.stack([hf_model(torch.tensor([s.token_ids])).logits[0, -1] for s in seqs])
@@ -107,7 +109,7 @@ def test_paged_decode_logits_match_dense_forward(hf_model, model_dir, triton_onl
             s.token_ids.append(t)
             bm.append_slot(s)
         runner.apply_table_updates(bm.drain_table_updates())  # what the scheduler's batch carries
-        logits = runner.decode(seqs)
+        logits = runner.decode([s.token_ids[-1] for s in seqs], [s.num_tokens for s in seqs], [s.table_row for s in seqs])
 
 
 def test_seeded_sample_is_independent_of_the_batch(model_dir, fast_kernels):

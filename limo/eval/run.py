@@ -199,15 +199,42 @@ def parse_benchmarks(spec: str, data: str | None, limit: int | None) -> list[Ben
     return benchmarks
 
 
+def parallel_layout(args: argparse.Namespace, gpus: int) -> tuple[int, int, str]:
+    """(T, D, why) for --tp/--dp: as given, or on "auto" the plan's best for this run on the GPUs
+    visible (limo/eval/plan.py); a CPU runs one sampler."""
+    if args.tp != "auto" and args.dp != "auto":
+        return int(args.tp), int(args.dp), "as asked"
+    if args.device != "cuda" or gpus <= 1:
+        return int(args.tp if args.tp != "auto" else 1), int(args.dp if args.dp != "auto" else 1), "one device"
+    from limo.eval import plan
+
+    names = [b.strip().partition("=")[0] for b in args.benchmarks.split(",") if b.strip()]
+    workload = plan.workload_of([n for n in names if n in plan.LIMO_SUITE] or list(plan.LIMO_SUITE), args.limit, args.samples)
+    choices = plan.plan(plan.model_args(args.model), gpus, workload, args.max_tokens, args.max_num_seqs)
+    if args.tp != "auto":
+        choices = [c for c in choices if c.tp == int(args.tp)]
+    if args.dp != "auto":
+        choices = [c for c in choices if c.dp == int(args.dp)]
+    chosen = plan.best(choices)
+    if chosen is None:
+        raise ValueError(f"no tensor x data-parallel layout of {gpus} GPUs fits this run (python -m limo.eval.plan shows why)")
+    return chosen.tp, chosen.dp, f"the plan's best on {gpus} GPUs, projected {chosen.hours * 60:.0f} min"
+
+
 def build_generator(args: argparse.Namespace) -> Any:
     if args.engine == "transformers":
         from limo.eval.generators import TransformersGenerator
 
         return TransformersGenerator(args.model, dtype=args.dtype, device=args.device)
+    kwargs = dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib,
+                  max_model_len=args.max_model_len or context_len(args.model, args.max_tokens))  # fmt: skip
+    if args.dp > 1:
+        from limo.eval.replicas import ReplicaGenerator
+
+        return ReplicaGenerator(args.model, args.dp, args.tp, gpus=args.device == "cuda", **kwargs)
     from limo.eval.sampler import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib,
-               max_model_len=args.max_model_len or context_len(args.model, args.max_tokens))
+    return LLM(args.model, tensor_parallel_size=args.tp, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=512,
                    help="samples per generate call (default 512); each sample is written as it finishes")
     p.add_argument("--regrade", action="store_true", help="re-grade outputs already on disk with the current grader")
+    p.add_argument("--tp", default="auto", help="tensor-parallel GPUs per sampler (default auto: the plan's best on the GPUs visible)")
+    p.add_argument("--dp", default="auto", help="data-parallel samplers, T x D GPUs in all (default auto)")
+    p.add_argument("--plan", action="store_true", help="print the tensor x data-parallel plan for this run and exit")
     args = p.parse_args(argv)
     import torch
 
@@ -256,20 +286,47 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+    try:
+        gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+        for flag in ("tp", "dp"):
+            value = getattr(args, flag)
+            if value != "auto" and not (value.isdigit() and int(value) >= 1):
+                raise ValueError(f"--{flag} {value}: a count >= 1, or auto")
+        if args.plan:
+            from limo.eval import plan
+
+            names = [b.strip().partition("=")[0] for b in args.benchmarks.split(",") if b.strip()]
+            workload = plan.workload_of(names, args.limit, args.samples)
+            n = gpus or 8
+            print(plan.table(plan.plan(plan.model_args(args.model), n, workload, args.max_tokens, args.max_num_seqs), n, args.max_tokens, workload))
+            return 0
+        args.tp, args.dp, why = parallel_layout(args, gpus)
+        if args.device == "cuda" and args.tp * args.dp > gpus:
+            raise ValueError(f"--tp {args.tp} x --dp {args.dp} needs {args.tp * args.dp} GPUs; {gpus} are visible")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.tp * args.dp > 1 or args.device == "cuda":
+        print(f"sampling with tensor parallelism {args.tp} x {args.dp} data-parallel replicas ({why})", flush=True)
     fingerprint = model_fingerprint(args.model)
     folder = Path(args.model).resolve()
     name = folder.parent.name if folder.name == "hf" else folder.name  # train.py exports to <output_dir>/hf
     out = Path(args.out) if args.out else Path("runs/eval") / f"{name}-{fingerprint}"
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a cluster's stop: keep what finished, then exit
         signal.signal(signum, _interrupt)
+    generator = None
     try:
-        evaluate(build_generator(args), benchmarks, out, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+        generator = build_generator(args)
+        evaluate(generator, benchmarks, out, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                  max_tokens=args.max_tokens, seed=args.seed, system_prompt=args.system_prompt, batch_size=args.batch_size,
                  regrade=args.regrade, model=fingerprint)
     except Interrupted as e:
         print(f"interrupted by {signal.Signals(e.signum).name}: the finished samples are in {out}/; the same command resumes",
               file=sys.stderr, flush=True)
         return 128 + e.signum
+    finally:
+        if hasattr(generator, "close"):
+            generator.close()  # tensor-parallel workers, data-parallel replicas
     print(f"results in {out}/", flush=True)
     return 0
 

@@ -172,11 +172,12 @@ class HFCheckpoint:
         if problems:
             raise WeightsError(f"{self.path}: weights do not match {self.config.get('architectures')}:\n  " + "\n  ".join(problems))
 
-    def read(self, name: str, rows: slice | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Our tensor `name`, optionally only rows [rows.start, rows.stop) of dim 0, cast to dtype."""
+    def read(self, name: str, rows: slice | None = None, dtype: torch.dtype | None = None, cols: slice | None = None) -> torch.Tensor:
+        """Our tensor `name`, optionally only rows [rows.start, rows.stop) of dim 0 or columns of
+        dim 1 (only those bytes are read: a tensor-parallel rank's slice), cast to dtype."""
         key = hf_name(name)
         sl = self._open(self._files[key]).get_slice(key)
-        t = sl[rows] if rows is not None else sl[:]
+        t = sl[rows] if rows is not None else sl[:, cols] if cols is not None else sl[:]
         return t if dtype is None else t.to(dtype)
 
     def close(self) -> None:

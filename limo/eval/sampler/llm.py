@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -79,6 +80,23 @@ def _check_sizes(*, memory_fraction: float, kv_cache_gib: float | None, **sizes:
         raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0")
 
 
+def _runner_kwargs(trained: int, source: str, *, block_size: int, num_blocks: int | None, max_num_seqs: int, max_model_len: int | None,
+                   max_num_batched_tokens: int | None, memory_fraction: float, kv_cache_gib: float | None,
+                   cuda_graphs: bool) -> dict[str, Any]:  # fmt: skip
+    """ModelRunner's arguments, the same on every tensor-parallel rank."""
+    if max_model_len is not None and max_model_len > trained:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={trained} "
+                         f"({source}): RoPE positions past it were never trained")
+    max_model_len = max_model_len or trained
+    max_num_batched_tokens = max_num_batched_tokens or max_model_len
+    if max_num_batched_tokens < max_model_len:
+        raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_model_len={max_model_len}: a preempted "
+                         "sequence is recomputed in one prefill, so it must fit one step")
+    return dict(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
+                cuda_graphs=cuda_graphs)  # fmt: skip
+
+
 class LLM:
     """A model folder ready to sample from.
 
@@ -107,19 +125,41 @@ class LLM:
         kv_cache_gib: float | None = None,
         cuda_graphs: bool = True,
         tokenizer: str | os.PathLike | None = None,
+        tensor_parallel_size: int = 1,
     ):
         model_dir = Path(model_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _check_sizes(block_size=block_size, max_num_seqs=max_num_seqs, num_blocks=num_blocks, max_model_len=max_model_len,
-                     max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib)
-        model = load_pretrained(model_dir, dtype=_resolve_dtype(dtype, device), device=device).eval()
+                     max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
+                     tensor_parallel_size=tensor_parallel_size)  # fmt: skip
+        dtype = _resolve_dtype(dtype, device)
         loaded = _load_tokenizer(Path(tokenizer) if tokenizer is not None else model_dir)
         if tokenizer is not None and loaded is None:
             raise ValueError(f"tokenizer={tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) there")
-        self._setup(model, loaded, _eos_token_ids(model_dir, loaded), str(model_dir / "config.json"), block_size=block_size,
-                    num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                    max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
-                    cuda_graphs=cuda_graphs)  # fmt: skip
+        sizes = dict(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                     max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
+                     cuda_graphs=cuda_graphs)  # fmt: skip
+        self._tp = None
+        if tensor_parallel_size == 1:
+            model = load_pretrained(model_dir, dtype=dtype, device=device).eval()
+        else:
+            from limo.eval.sampler.parallel import TPLayout
+            from limo.eval.sampler.workers import TensorParallelGroup
+            from limo.model.weights import HFCheckpoint
+
+            args = HFCheckpoint(model_dir).args
+            TPLayout(args, 0, tensor_parallel_size)  # a size the shapes do not divide into fails here, before any process starts
+            runner_kwargs = _runner_kwargs(args.max_position_embeddings, str(model_dir / "config.json"), **sizes)
+            self._tp = TensorParallelGroup(tensor_parallel_size, str(model_dir), dtype, device, runner_kwargs)
+            weakref.finalize(self, self._tp.close)
+            model = self._tp.model
+        try:
+            self._setup(model, loaded, _eos_token_ids(model_dir, loaded), str(model_dir / "config.json"), **sizes)
+        except BaseException as e:
+            if self._tp is not None:
+                self._tp.close()
+                self._tp.raise_if_dead(e)
+            raise
 
     @classmethod
     def from_model(
@@ -152,20 +192,15 @@ class LLM:
                kv_cache_gib: float | None, cuda_graphs: bool) -> None:  # fmt: skip
         self.model, self.tokenizer, self.eos_token_ids = model, tokenizer, eos_token_ids
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-        trained = model.args.max_position_embeddings
-        if max_model_len is not None and max_model_len > trained:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={trained} "
-                             f"({source}): RoPE positions past it were never trained")
-        self.max_model_len = max_model_len or trained
-        max_num_batched_tokens = max_num_batched_tokens or self.max_model_len
-        if max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_model_len={self.max_model_len}: a preempted "
-                             "sequence is recomputed in one prefill, so it must fit one step")
-        self.runner = ModelRunner(
-            model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib,
-            cuda_graphs=cuda_graphs,
-        )  # fmt: skip
+        if not hasattr(self, "_tp"):
+            self._tp = None
+        kwargs = _runner_kwargs(model.args.max_position_embeddings, source, block_size=block_size, num_blocks=num_blocks,
+                                max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                                memory_fraction=memory_fraction, kv_cache_gib=kv_cache_gib, cuda_graphs=cuda_graphs)  # fmt: skip
+        self.max_model_len = kwargs["max_model_len"]
+        max_num_batched_tokens = kwargs["max_num_batched_tokens"]
+        tp = {} if self._tp is None else dict(control_group=self._tp.control, broadcast=self._tp.broadcast)
+        self.runner = ModelRunner(model, **kwargs, **tp)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size)
         self.stop_checker = StopChecker(self.eos_token_ids, self.tokenizer)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.stop_checker)
@@ -230,8 +265,10 @@ class LLM:
                 kind = "prefill" if batch.is_prefill else "decode"
                 bar.set_postfix_str(f"{kind} {rate:,.0f} tok/s, batch {len(batch.targets)}", refresh=False)
                 bar.update(len(done))
-        except BaseException:
+        except BaseException as e:
             self.scheduler.abort_all()
+            if self._tp is not None:  # a collective that failed because a worker died: say which
+                self._tp.raise_if_dead(e)
             raise
         finally:
             bar.close()
@@ -239,6 +276,17 @@ class LLM:
             raise RuntimeError(f"KV pages leaked: {self.block_manager.num_free} of {self.block_manager.num_blocks} free after generate")
         finished.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [self._output(s) for s in finished]
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done when the LLM is collected or the process exits)."""
+        if self._tp is not None:
+            self._tp.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _output(self, s: Sequence) -> Output:
         return Output(s.prompt_index, s.sample_index, s.token_ids[: s.num_prompt_tokens], s.generated, self.stop_checker.text(s),

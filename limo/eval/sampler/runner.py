@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -67,6 +68,23 @@ class DecodeContext:
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.max_context_len, num_splits=self.num_splits)
 
 
+@dataclass
+class StepInputs:
+    """One step as host lists: all that a tensor-parallel worker needs to run it (rank 0 builds
+    it from the scheduler's Batch and broadcasts it; the workers hold no sequences)."""
+
+    table_updates: list[tuple[int, int, int]]
+    copies: list[tuple[int, int]]
+    prefill: bool
+    ids: list[int]
+    positions: list[int] | None = None  # prefill
+    slots: list[int] | None = None  # prefill
+    cu: list[int] | None = None  # prefill
+    logit_rows: list[int] | None = None  # prefill: forks of one prompt share its row
+    lens: list[int] | None = None  # decode
+    rows: list[int] | None = None  # decode: each sequence's block-table row
+
+
 def graph_buckets(max_num_seqs: int) -> list[int]:
     return sorted({b for b in (1, 2, 4, 8) if b < max_num_seqs} | set(range(16, max_num_seqs, 16)) | {max_num_seqs})
 
@@ -84,8 +102,11 @@ class ModelRunner:
         memory_fraction: float = 0.9,
         kv_cache_gib: float | None = None,
         cuda_graphs: bool = True,
+        control_group: "torch.distributed.ProcessGroup | None" = None,
+        broadcast: "Callable[[StepInputs], None] | None" = None,
     ):
         self.model = model
+        self.broadcast = broadcast  # tensor parallelism, rank 0: sends each step to the workers before running it
         args = model.args
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
@@ -97,6 +118,10 @@ class ModelRunner:
         page_bytes = 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * self.dtype.itemsize
         if num_blocks is None:
             num_blocks = self._plan_blocks(page_bytes, max_num_batched_tokens, memory_fraction, kv_cache_gib)
+            if control_group is not None:  # tensor parallelism: one block manager for all ranks, the smallest budget wins
+                agreed = torch.tensor([num_blocks])
+                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=control_group)
+                num_blocks = int(agreed)
         self.num_blocks = num_blocks
         # Uninitialised: a slot is written before it is read (the attention masks everything past a
         # sequence's context, whatever it holds), and on a CPU untouched pages then cost no RAM.
@@ -181,28 +206,46 @@ class ModelRunner:
 
     # -- steps ------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Packed forward of every prompt, K/V written into pages; logits of each prompt's last token [n, V]."""
-        ids = [t for s in seqs for t in s.token_ids]
-        positions = [p for s in seqs for p in range(s.num_tokens)]
-        slots = [self._slot(s, p) for s in seqs for p in range(s.num_tokens)]
+    def step_inputs(self, batch: Batch) -> StepInputs:
+        """The host lists of one scheduled step (what `execute` needs, and no Sequence)."""
+        seqs = batch.seqs
+        if not batch.is_prefill:
+            return StepInputs(batch.table_updates, batch.copies, False, [s.token_ids[-1] for s in seqs],
+                              lens=[s.num_tokens for s in seqs], rows=[s.table_row for s in seqs])  # fmt: skip
         cu = [0]
         for s in seqs:
             cu.append(cu[-1] + s.num_tokens)
-        max_seqlen = max(s.num_tokens for s in seqs)
+        return StepInputs(
+            batch.table_updates, batch.copies, True, [t for s in seqs for t in s.token_ids],
+            positions=[p for s in seqs for p in range(s.num_tokens)], slots=[self._slot(s, p) for s in seqs for p in range(s.num_tokens)],
+            cu=cu, logit_rows=None if batch.rows == list(range(len(seqs))) else batch.rows,
+        )  # fmt: skip
+
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """Run one step on this rank's model and cache; the logits [targets, V] (every rank)."""
+        self.apply_table_updates(step.table_updates)
+        if step.copies:
+            self.copy_blocks(step.copies)
+        if not step.prefill:
+            return self.decode(step.ids, step.lens, step.rows)
+        logits = self.prefill(step.ids, step.positions, step.slots, step.cu)
+        return logits if step.logit_rows is None else logits[self._tensor(step.logit_rows, torch.long)]
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int], positions: list[int], slots: list[int], cu: list[int]) -> torch.Tensor:
+        """Packed forward of every prompt, K/V written into pages; logits of each prompt's last token [n, V]."""
+        max_seqlen = max(b - a for a, b in zip(cu, cu[1:]))
         ctx = PrefillContext(self.kv_cache, self._tensor(slots, torch.int32), self._tensor(cu, torch.int32), max_seqlen)
         hidden = self.model(self._tensor(ids, torch.long), self._tensor(positions, torch.long), ctx=ctx)  # [T, H]
         last = self._tensor([c - 1 for c in cu[1:]], torch.long)
         return self.model.logits(hidden[last])  # [n, V]
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per sequence through the model over its pages; logits [B, V]."""
-        B = len(seqs)
+    def decode(self, last_ids: list[int], lens: list[int], table_rows: list[int]) -> torch.Tensor:
+        """One token per sequence (its last id, its length, its block-table row) over its pages; logits [B, V]."""
+        B = len(lens)
         bucket = next((b for b in self.buckets if b >= B), None)
-        lens = [s.num_tokens for s in seqs]
-        host = self._tensor([[s.token_ids[-1] for s in seqs], lens, [s.table_row for s in seqs]], torch.long)  # [3, B]
+        host = self._tensor([last_ids, lens, table_rows], torch.long)  # [3, B]
         ids, context_lens, rows = host
         positions = context_lens - 1  # the new token's position, and the slot its K/V goes to
         width = -(-max(lens) // self.block_size)
@@ -281,14 +324,9 @@ class ModelRunner:
 
     def run(self, batch: Batch) -> list[int]:
         """Execute one scheduled step; the sampled token of each target, in order."""
-        self.apply_table_updates(batch.table_updates)
-        if batch.copies:
-            self.copy_blocks(batch.copies)
-        if batch.is_prefill:
-            logits = self.prefill(batch.seqs)
-            if batch.rows != list(range(len(batch.seqs))):
-                logits = logits[self._tensor(batch.rows, torch.long)]  # forks of one prompt share its row
-        else:
-            logits = self.decode(batch.seqs)
+        step = self.step_inputs(batch)
+        if self.broadcast is not None:
+            self.broadcast(step)
+        logits = self.execute(step)
         ids = self.sampler(logits, **self.sampling_inputs(batch.targets))
         return ids.tolist()  # host sync: the step's one read, of the sampled ids
