@@ -116,8 +116,9 @@ def best(choices: list[Choice]) -> Choice | None:
     return min(fitting, key=lambda c: (c.hours, c.tp)) if fitting else None
 
 
-def table(choices: list[Choice], gpus: int, max_tokens: int, workload: dict[str, tuple[int, int]]) -> str:
+def table(choices: list[Choice], gpus: int, max_tokens: int, workload: dict[str, tuple[int, int]], mean_tokens: float | None = None) -> str:
     samples = sum(p * s for p, s in workload.values())
+    mean, source = (mean_tokens, "--mean-tokens") if mean_tokens is not None else (mean_output_tokens(max_tokens), "the long-CoT proxy's mean")
     lines = [f"{len(workload)} benchmarks, {samples:,} samples at up to {max_tokens:,} new tokens, on {gpus} GPUs of {HBM_GIB} GiB",
              f"{'TP x DP':>8} {'weights/GPU':>12} {'KV B/token':>11} {'KV tokens/GPU':>14} {'seqs/replica':>13} "
              f"{'full chains':>12} {'step ms':>8} {'wall time':>10}"]  # fmt: skip
@@ -129,7 +130,7 @@ def table(choices: list[Choice], gpus: int, max_tokens: int, workload: dict[str,
                      f"{c.full_chains:>12} {c.step_ms:>8.1f} {wall:>10}{mark}")  # fmt: skip
     lines.append(f"assumptions (until a GPU measures them): HBM {HBM_TBPS} TB/s at {BW_EFFICIENCY:.0%}, bf16 {BF16_TFLOPS:.0f} "
                  f"TFLOP/s at {MFU:.0%} MFU, {ALLREDUCE_US:.0f} us per all-reduce (2 per layer), {HOST_MS} ms host per step, "
-                 f"{RESERVE_GIB} GiB reserved, outputs of the long-CoT proxy's mean length")  # fmt: skip
+                 f"{RESERVE_GIB} GiB reserved; outputs of {mean:,.0f} tokens on average ({source})")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     choices = plan(args, a.gpus, workload, a.max_tokens, a.max_num_seqs, a.mean_tokens)
-    print(table(choices, a.gpus, a.max_tokens, workload))
+    print(table(choices, a.gpus, a.max_tokens, workload, a.mean_tokens))
     return 0
 
 
