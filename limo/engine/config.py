@@ -146,9 +146,12 @@ class ParallelConfig:
     prefetch: int = _help("blocks whose all-gather is issued ahead explicitly (0: FSDP's implicit prefetch)", 1)
     cpu_offload: bool = _help("keep sharded parameters, gradients and optimizer states in host memory", False)
     compile: bool = _help("torch.compile each decoder block", False)
+    cp: int = _help("context parallelism: ranks that share each packed micro-batch's tokens (for 32k-64k-token samples); 1 is off", 1)
 
     def check(self) -> None:
-        _positive(self, "parallel", "dp_replicate")
+        _positive(self, "parallel", "dp_replicate", "cp")
+        if self.cp > 1 and self.compile:
+            raise ConfigError("parallel.cp > 1 with parallel.compile=true: the context-parallel attention runs eagerly; set compile=false")
         _non_negative(self, "parallel", "prefetch")
 
 

@@ -2,7 +2,8 @@
 
 NCCL on GPUs (plus gloo for host tensors under CPU offload), gloo on CPU; a plain
 `python limo/engine/train.py` creates a world of one. The mesh is 1-D (dp_shard), or 2-D HSDP
-(dp_replicate x dp_shard) across nodes.
+(dp_replicate x dp_shard) across nodes; context parallelism (parallel.cp) adds groups of cp
+consecutive ranks that share a micro-batch's tokens (limo/engine/context.py), beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,22 @@ class Distributed:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
+    mesh: DeviceMesh  # FSDP's: every rank, cp ranks included (parameters are sharded over all of them)
+    cp: int = 1
+    cp_group: dist.ProcessGroup | None = None  # the ranks that share a micro-batch's tokens (parallel.cp > 1)
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the data-parallel ranks: a cp group reads one rank's data."""
+        return self.rank // self.cp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp
 
     @property
     def is_main(self) -> bool:
@@ -73,14 +89,24 @@ class Distributed:
             )
 
 
-def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) -> Distributed:
+def check_world(world: int, dp_replicate: int, cp: int) -> None:
+    """The layout must divide the world; checked before any process group starts."""
+    if world % dp_replicate:
+        raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world}")
+    if world % cp or (world // dp_replicate) % cp:
+        raise ValueError(f"parallel.cp={cp} does not divide the world size {world} (or its {world // dp_replicate} ranks per replica)")
+
+
+def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False, cp: int = 1) -> Distributed:
     """Join (or, outside torchrun, create a one-process) group: NCCL on GPUs (plus gloo for host
-    tensors under CPU offload), gloo on CPU."""
+    tensors under CPU offload), gloo on CPU. With cp > 1, also the context-parallel groups: cp
+    consecutive ranks each (on one node, where NVLink carries the per-layer all-gathers)."""
     # Plain `python limo/engine/train.py` (or a caller in its own process): a world of one, set up without
     # touching os.environ, so that no child process (the evaluation, a test's train.py) inherits a
     # rank and a rendezvous that are not its own.
     alone = "RANK" not in os.environ
     rank, world, local_rank = (0, 1, 0) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    check_world(world, dp_replicate, cp)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -96,7 +122,9 @@ def init_distributed(device: str, dp_replicate: int, cpu_offload: bool = False) 
         # Under CPU offload the gradients clipped (and their norms reduced) live in host memory: gloo does those.
         backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, store=_store(alone), rank=rank, world_size=world)
-    return Distributed(rank, world, local_rank, dev, build_mesh(dev.type, world, dp_replicate))
+    mesh = build_mesh(dev.type, world, dp_replicate)
+    cp_group = init_device_mesh(dev.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))["cp"].get_group() if cp > 1 else None
+    return Distributed(rank, world, local_rank, dev, mesh, cp, cp_group)
 
 
 def _store(alone: bool) -> dist.Store:

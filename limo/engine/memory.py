@@ -159,6 +159,8 @@ def plan_memory(
     p = cfg.parallel
     if world_size % p.dp_replicate:
         raise ConfigError(f"parallel.dp_replicate={p.dp_replicate} does not divide the world size {world_size}")
+    if world_size % p.cp:
+        raise ConfigError(f"parallel.cp={p.cp} does not divide the world size {world_size}")
     on_cpu = path.device != "cuda"
     reserved_gib = (0.0 if on_cpu else RUNTIME_RESERVED_GIB) if reserved_gib is None else reserved_gib
     baseline_gib = (CPU_PROCESS_BASELINE_GIB if on_cpu else 0.0) if baseline_gib is None else baseline_gib
@@ -207,12 +209,18 @@ class _Sizes:
     checkpointed: tuple[bool, ...]  # per layer
     kept: tuple[int, ...]  # what each layer keeps for backward: its input when checkpointed, else all it saves
     head_saves: int  # the final norm's input and fp32 rstd
+    cp_kv: int = 0  # context parallelism: a layer's gathered K/V and the chunks' key prefixes picked from it, bytes
 
     @classmethod
     def of(cls, cfg: Config, args: ModelArgs, shard: int, path: ExecutionPath) -> _Sizes:
         p = cfg.parallel
         cb = dtype_of(cfg.train.dtype).itemsize
-        T, H, V, L = cfg.data.tokens_per_microbatch, args.hidden_size, args.vocab_size, args.num_layers
+        # Under context parallelism a rank holds 1/cp of each micro-batch's tokens (each document
+        # padded to a multiple of 2 cp: at most 2 cp - 1 tokens per document, left out here).
+        T, H, V, L = -(-cfg.data.tokens_per_microbatch // p.cp), args.hidden_size, args.vocab_size, args.num_layers
+        kv_token = 2 * args.num_kv_heads * args.head_dim * cb
+        # The all-gather's [cp T, 2 Hkv, D] and the prefixes indexed from it, (cp + 1/2) T rows (limo/data/context.py).
+        cp_kv = int((p.cp * T + (p.cp + 0.5) * T) * kv_token) if p.cp > 1 else 0
         n_total = args.num_params()
         n_head = 0 if args.tie_word_embeddings else V * H
         n_block = (n_total - V * H - n_head - H) // L
@@ -225,7 +233,7 @@ class _Sizes:
         last_gather = (n_block if args.tie_word_embeddings else n_head_group) * cb
         return cls(shard=shard, cb=cb, T=T, H=H, I=args.intermediate_size, V=V, n_block=n_block, n_head_group=n_head_group, last_gather=last_gather,
                    static=_static_state(cfg, n_total, shard), per_layer=per_layer, checkpointed=checkpointed,
-                   kept=tuple(T * H * cb if ck else per_layer for ck in checkpointed), head_saves=T * H * cb + T * 4)  # fmt: skip
+                   kept=tuple(T * H * cb if ck else per_layer for ck in checkpointed), head_saves=T * H * cb + T * 4, cp_kv=cp_kv)  # fmt: skip
 
 
 def _loss_head_moments(s: _Sizes, path: ExecutionPath) -> dict[str, dict[str, float]]:
@@ -271,6 +279,7 @@ def _layer_backward_moments(s: _Sizes, cfg: Config) -> dict[str, dict[str, float
             "gathered block": gathered_blocks,
             "saved activations": sum(s.kept[:j]) + (0 if s.checkpointed[j] else s.kept[j]),
             "recomputed layer + its gradients": (s.per_layer if s.checkpointed[j] else 0) + mlp_grads,
+            "gathered K/V and their gradients (context parallel)": 2 * s.cp_kv,
             "block gradients in flight": (3 * s.H * s.I * s.cb if j == L - 1  # the first layer back: its MLP's so far
                                           else s.n_block * 4 if s.shard > 1 else s.n_block * s.cb),
         }

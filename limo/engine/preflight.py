@@ -33,6 +33,18 @@ def preflight(cfg: Config) -> None:
     _check_tokenizer(cfg)
     _check_benchmarks(cfg.eval.benchmarks)
     _check_checkpoints(cfg)
+    _check_world(cfg)
+
+
+def _check_world(cfg: Config) -> None:
+    """The layout against torchrun's world size (WORLD_SIZE; a plain run is a world of one)."""
+    from limo.engine.distributed import check_world
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        check_world(world, cfg.parallel.dp_replicate, cfg.parallel.cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_output_dir(out: Path) -> None:

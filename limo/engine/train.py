@@ -34,6 +34,8 @@ import torch.distributed as dist
 
 from limo import kernels
 from limo.engine.checkpoint import Checkpointer, crash_point
+from limo.data.context import shard_for_cp
+from limo.engine.context import cp_loss
 from limo.engine.config import Config, ConfigError, check_resume, describe_keys, load_config, resume_settings
 from limo.engine.distributed import Distributed, init_distributed
 from limo.engine.export import export_hf
@@ -66,19 +68,26 @@ def parse_args(argv: list[str]) -> Config:
     return load_config(argv[1], argv[2:])
 
 
-def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device: torch.device, max_grad_norm: float) -> torch.Tensor:
+def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device: torch.device, max_grad_norm: float,
+               world: Distributed | None = None) -> torch.Tensor:  # fmt: skip
     """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm).
 
     `divisor` is the number of supervised tokens of the whole global batch (all micro-batches,
     all ranks): each micro-batch's summed loss is divided by it, so gradients add up over
     micro-batches and ranks to the gradient of the global mean. Returns both numbers as one [2]
     tensor on the device, without a host sync: the caller reads them, once (limo/engine/simulate.py
-    runs this very function on fake tensors, which hold nothing to read).
+    runs this very function on fake tensors, which hold nothing to read). With context
+    parallelism (`world.cp` > 1) each micro-batch is shared by the cp group: this rank runs its
+    balanced share of the tokens (limo/engine/context.py), and its loss is the sum over its tokens.
     """
     loss_sum = torch.zeros((), device=device)
+    cp = world.cp if world is not None else 1
     for mb in micro_batches:
-        mb = mb.to(device)
-        loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
+        if cp > 1:
+            loss = cp_loss(model, shard_for_cp(mb, cp, world.cp_rank).to(device), world.cp_group)
+        else:
+            mb = mb.to(device)
+            loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
         (loss / divisor).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
@@ -123,7 +132,7 @@ def train(cfg: Config) -> None:
     from limo.data.loader import PackedLoader
     from limo.data.packing import CostModel
 
-    world = init_distributed(cfg.train.device, cfg.parallel.dp_replicate, cfg.parallel.cpu_offload)
+    world = init_distributed(cfg.train.device, cfg.parallel.dp_replicate, cfg.parallel.cpu_offload, cfg.parallel.cp)
     logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     kernels.set_backend(cfg.train.kernels)
     torch.manual_seed(cfg.train.seed)
@@ -140,7 +149,7 @@ def train(cfg: Config) -> None:
         raise ConfigError(f"the data holds token id {report.max_token_id} but the model's vocab_size is {args.vocab_size}")
     loader = PackedLoader(
         samples, samples_per_step=cfg.data.samples_per_step, tokens_per_microbatch=cfg.data.tokens_per_microbatch,
-        epochs=cfg.train.epochs, world_size=world.world_size, rank=world.rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
+        epochs=cfg.train.epochs, world_size=world.dp_size, rank=world.dp_rank, seed=cfg.train.seed, cost=CostModel.for_model(args),
     )
     checkpointer = Checkpointer(out, cfg.checkpoint.keep_last, world.rank, async_save=cfg.checkpoint.async_save)
     latest = checkpointer.resume_point()
@@ -200,7 +209,8 @@ def run_steps(cfg: Config, world: Distributed, out: Path, args: ModelArgs, model
     with Preemption(cfg.train.preemption_grace_s) as preemption, contextlib.closing(metrics):
         for batch in loader if step < total_steps else ():
             divisor = max(batch.num_label_tokens, 1)
-            loss_value, norm_value = train_step(model, batch.micro_batches, divisor, world.device, cfg.train.max_grad_norm).tolist()  # host sync
+            loss_value, norm_value = train_step(model, batch.micro_batches, divisor, world.device, cfg.train.max_grad_norm,
+                                                world).tolist()  # host sync  # fmt: skip
             if math.isfinite(loss_value) and math.isfinite(norm_value):
                 optimizer.step()
                 bad_steps = 0

@@ -86,13 +86,22 @@ def varlen_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """Causal attention that never crosses a sample boundary.
 
     q [T, Hq, D], k and v [T, Hkv, D] with Hq a multiple of Hkv; cu_seqlens int32 [n+1]
     (0, end of sample 0, ..., T); max_seqlen is the longest sample (a host int, so no kernel
     needs a device sync to size its grid). Returns [T, Hq, D].
+
+    With `cu_seqlens_k` (context parallelism, limo/engine/context.py), segment i's queries
+    q[cu_seqlens[i]:cu_seqlens[i+1]] attend to its own keys k[cu_seqlens_k[i]:cu_seqlens_k[i+1]],
+    of which they are the last ones (bottom-right causal, flash-attn's convention for Lq <= Lk):
+    a chunk of a document against the document's prefix up to the chunk's end.
     """
+    if cu_seqlens_k is not None:
+        return _varlen_attention_qk(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k or max_seqlen, scale)
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
@@ -116,3 +125,26 @@ def varlen_attention(
     if shapes_only(q):
         return _reference_op(q, k, v, cu_seqlens, scale)
     return reference.varlen_attention(q, k, v, cu_seqlens, scale)
+
+
+def _varlen_attention_qk(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected q [Tq, Hq, D] and k, v [Tk, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if cu_q.shape != cu_k.shape or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens {tuple(cu_q.shape)} {cu_q.dtype} and cu_seqlens_k {tuple(cu_k.shape)} {cu_k.dtype}: one int32 bound per segment each")
+    backend = attention_backend(path_of(q)[0], q.dtype)
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+    if backend == "torch_varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        if "enable_gqa" not in _TORCH_VARLEN_KWARGS:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_TORCH_VARLEN_KWARGS)
+    if shapes_only(q):
+        raise NotImplementedError("context-parallel attention on the reference path runs eagerly on real tensors only "
+                                  "(no torch.compile, no fake tensors): use flash-attn or torch varlen on CUDA")  # fmt: skip
+    return reference.varlen_attention_qk(q, k, v, cu_q, cu_k, scale)

@@ -82,6 +82,21 @@ def varlen_attention(
     return out
 
 
+def varlen_attention_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Segment i's queries against its own keys, of which they are the last (bottom-right causal:
+    query j of Lq sees keys 0 .. Lk - Lq + j). Differentiated by autograd through SDPA."""
+    outs = []
+    for qa, qb, ka, kb in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        Lq, Lk = qb - qa, kb - ka
+        if Lq == 0:
+            continue
+        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)
+        qs, ks, vs = q[qa:qb].transpose(0, 1)[None], k[ka:kb].transpose(0, 1)[None], v[ka:kb].transpose(0, 1)[None]
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
 def varlen_attention_backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

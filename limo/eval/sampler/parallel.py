@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from limo.model.qwen2 import ModelArgs, Qwen2, build_model
 from limo.model.weights import HFCheckpoint, WeightsError, hf_name
+from limo.tools.collectives import all_gather_into
 from limo.tools.errors import UserError
 
 
@@ -129,12 +130,8 @@ class VocabParallelHead(nn.Module):
         local = F.linear(hidden, self.weight)  # [T, V / size]
         size = dist.get_world_size(self.group)
         gathered = torch.empty(size * local.shape[0], local.shape[1], dtype=local.dtype, device=local.device)  # ranks stacked on dim 0
-        _all_gather(gathered, local.contiguous(), group=self.group)
+        all_gather_into(gathered, local.contiguous(), group=self.group)
         return gathered.view(size, *local.shape).permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.vocab_size]  # [T, V]
-
-
-# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; pyproject allows 2.10.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _all_reduce_hook(group: dist.ProcessGroup | None):
