@@ -38,6 +38,7 @@ from benchmarks import scale_out
 from benchmarks.harness import LIMO_RECIPE, rank_passes
 from limo.data import lengths as length_dist
 from limo.engine.config import load_config
+from limo.engine.context import cp_bytes_per_pass
 from limo.engine.memory import H100_80GB_GIB, plan_memory
 from limo.model.flops import head_flops, layer_flops
 from limo.model.qwen2 import PRESETS
@@ -60,6 +61,7 @@ class Recipe:
     tokens_per_microbatch: int = 16384
     world_size: int = 8
     seed: int = 0
+    cp: int = 1  # context parallelism: ranks sharing each micro-batch (the 32k and 64k recipes: 2 and 4)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Projection:
     fits_memory: bool
     r_layer_tflops: float
     r_head_tflops: float
+    cp_comm_s: float = 0.0  # context parallelism's K/V collectives over the run, per rank
+    cp_hidden: bool = True  # each pass's cp collectives (with FSDP's) take no longer than its compute
 
 
 def load_results(path: Path) -> dict:
@@ -171,15 +175,20 @@ def project(section: dict, recipe: Recipe = Recipe(), nvlink_gbps: float = 450.0
 
     steps = passes = 0
     compute = overlapped = serial = 0.0
+    cp_comm_total, cp_hidden = 0.0, True
     for step in rank_passes(lengths, samples_per_step=recipe.samples_per_step, tokens_per_microbatch=recipe.tokens_per_microbatch,
-                            epochs=recipe.epochs, world_size=recipe.world_size, seed=recipe.seed):
+                            epochs=recipe.epochs, world_size=recipe.world_size // recipe.cp, seed=recipe.seed):
         steps += 1
         passes += len(step)
         for ranks in step:
-            c = max(seconds(seqlens) for seqlens in ranks)
+            # a cp group shares each micro-batch: 1/cp of its FLOPs per rank (the split balances causal work)
+            c = max(seconds(seqlens) for seqlens in ranks) / recipe.cp
+            kv = max(cp_bytes_per_pass(TARGET, sum(seqlens), recipe.cp) for seqlens in ranks) / (nvlink_gbps * 1e9)
             compute += c
-            overlapped += max(c, comm)
-            serial += c + comm
+            cp_comm_total += kv
+            cp_hidden &= comm + kv <= c
+            overlapped += max(c, comm + kv)
+            serial += c + comm + kv
     overlapped += steps * optimizer
     serial += steps * optimizer
     memory = recipe_memory(fit, recipe.world_size)
@@ -187,7 +196,7 @@ def project(section: dict, recipe: Recipe = Recipe(), nvlink_gbps: float = 450.0
         fit=fit, device=section["environment"]["device"], tokens_per_epoch=sum(lengths), steps=steps, passes_per_rank=passes,
         compute_s=compute, comm_per_pass_s=comm, optimizer_per_step_s=optimizer, minutes_overlapped=overlapped / 60,
         minutes_not_overlapped=serial / 60, memory_gib=memory.peak_gib, memory_capacity_gib=memory.capacity_gib,
-        fits_memory=memory.fits, r_layer_tflops=r_layer / 1e12, r_head_tflops=r_head / 1e12,
+        fits_memory=memory.fits, r_layer_tflops=r_layer / 1e12, r_head_tflops=r_head / 1e12, cp_comm_s=cp_comm_total, cp_hidden=cp_hidden,
     )  # fmt: skip
 
 
@@ -211,6 +220,9 @@ def report(p: Projection, section: dict, recipe: Recipe, nvlink_gbps: float, anc
         f"/ {nvlink_gbps:.0f} GB/s = {p.comm_per_pass_s:.3f} s; x {p.passes_per_rank} passes = {p.comm_per_pass_s * p.passes_per_rank:.0f} s",
         f"optimizer per step: {f['optim_ms_per_gparam']:.2f} ms per B params x {params / 1e9:.2f} B / {recipe.world_size} "
         f"= {1e3 * p.optimizer_per_step_s:.1f} ms; x {p.steps} steps = {p.optimizer_per_step_s * p.steps:.0f} s",
+        *([f"context parallel (cp={recipe.cp}): per layer a K/V all-gather in forward and in the recompute, a reduce-scatter in "
+           f"backward = {p.cp_comm_s:.0f} s over the run per rank; "
+           + ("hidden behind compute on every pass" if p.cp_hidden else "NOT hidden behind compute on every pass")] if recipe.cp > 1 else []),
         f"total: {p.minutes_overlapped:.1f} min with communication overlapped, {p.minutes_not_overlapped:.1f} min without",
         f"memory per GPU (engine.memory, ac={f['ac']}, optimizer state {f['state_dtype']}): {p.memory_gib:.1f} GiB of "
         f"{p.memory_capacity_gib:.1f} usable: {'fits' if p.fits_memory else 'DOES NOT FIT'}, no offload",
@@ -246,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nvlink-gbps", type=float, default=450.0,
                     help="NVLink bandwidth per direction, GB/s (default 450: the H100 SXM datasheet)")  # fmt: skip
     ap.add_argument("--lengths", type=Path, default=length_dist.DATA_FILE, help="length distribution (default: the committed proxy)")
+    ap.add_argument("--cp", type=int, default=1, help="context parallelism of the recipe (2: the 32k recipe, 4: the 64k one)")
+    ap.add_argument("--tokens-per-microbatch", type=int, default=16384, help="the recipe's micro-batch (and longest sample) in tokens")
     ap.add_argument("--json", action="store_true", help="print the projection as one JSON object")
     args = ap.parse_args(argv)
     if args.scale_out:
@@ -261,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         section = load_results(args.results)
         pool = length_dist.load(args.lengths)
-        recipe = Recipe()
+        recipe = Recipe(cp=args.cp, tokens_per_microbatch=args.tokens_per_microbatch)
         p = project(section, recipe, args.nvlink_gbps, args.fit, pool)
         anchors = project(section, recipe, args.nvlink_gbps, args.fit, pool, ANCHORS_TOKENS_PER_EPOCH)
     except (MissingMeasurements, ValueError) as e:

@@ -127,3 +127,24 @@ def test_scale_out_arithmetic_from_a_simulated_step():
     assert two.compute_s_per_pass <= one.compute_s_per_pass  # twice the GPUs: no pass gets slower
     slow = scale_row(1, 500e12, nvlink_gbps=1.0, ib_gbps=50.0, simulation=sim)
     assert not slow.hidden and slow.minutes_overlapped == pytest.approx(slow.nvlink_s_per_pass * slow.passes_per_step * 390 / 60, rel=1e-6)
+
+
+def test_context_parallel_halves_each_passes_compute_and_adds_its_kv_collectives(tmp_path):
+    """The 32k recipe at cp=2 on 8 ranks: the passes of 4 data-parallel groups, each rank at half a
+    pass's compute, plus per pass the K/V all-gathers (forward and recompute) and reduce-scatter."""
+    from limo.engine.context import cp_bytes_per_pass
+
+    path = tmp_path / "lengths.json"
+    path.write_text(json.dumps({"lengths": {"all": [32768]}}))
+    section = project.load_results(fake_results(tmp_path, [fake_fit()]))
+    pool = project.length_dist.load(path)
+    cp2 = project.project(section, project.Recipe(cp=2, tokens_per_microbatch=32768), pool=pool)
+    passes = 15 * (25 * 8 + 5)  # 4 data-parallel groups: 8 samples each per full step, 5 of the last step's 17 on the first
+    fit = fake_fit()
+    r_layer, r_head = fit["layer_flops"] / 0.100, fit["head_flops"] / 0.050
+    whole = 64 * project.layer_flops(project.TARGET, [32768]) / r_layer + project.head_flops(project.TARGET, 32768) / r_head
+    assert cp2.passes_per_rank == passes and cp2.compute_s == pytest.approx(passes * whole / 2, rel=1e-9)
+    per_pass = cp_bytes_per_pass(project.TARGET, 32768, 2)
+    assert per_pass == 64 * 3 * 32768 * 2 * 8 * 128 * 2 // 2  # 64 layers x 3 collectives x 32k tokens' K/V (bf16) x 1/2
+    assert cp2.cp_comm_s == pytest.approx(cp2.passes_per_rank * per_pass / 450e9, rel=1e-12)
+    assert cp2.cp_hidden  # 24 GiB per pass over NVLink: ~57 ms against seconds of compute

@@ -74,3 +74,18 @@ def test_the_command_line_prints_one_json_object_and_names_bad_input():
     bad = subprocess.run([sys.executable, "-m", "limo.engine.simulate", "--config", "configs/demo.toml", "--world-size", "3",
                           "--parallel.dp_replicate=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "parallel.dp_replicate=2 does not divide the world size 3" in bad.stderr
+
+
+@pytest.mark.parametrize("cp, world, tokens", [(2, 4, 4096), (4, 8, 8192)])
+def test_the_planner_is_within_5_percent_of_a_context_parallel_step(tmp_path, cp, world, tokens):
+    """parallel.cp: each rank's 1/cp of two micro-batches of one long sample each, the K/V gathered
+    in every layer; the planner's tensors against the tracker's peak, and the gathers' bytes."""
+    folder = _model_folder(tmp_path, 1024)
+    cfg = load_config(None, [f"--model.path={folder}", "--train.dtype=bfloat16", f"--data.max_tokens={tokens}",
+                             f"--data.tokens_per_microbatch={tokens}", f"--parallel.cp={cp}"])  # fmt: skip
+    sim = simulate(cfg, world, full_batches=2)
+    assert abs(sim.planner_error) <= 0.05, (sim.peak_gib, sim.planned_gib, sim.breakdown, sim.plan["breakdown"], sim.peak_module)
+    n = ModelArgs.from_hf(json.loads((folder / "config.json").read_text())).num_params()
+    kv = 3 * tokens * 2 * 2 * 64 * 2  # 3 layers x the micro-batch's K/V ([T, 2 x 2 heads, 64] bf16)
+    # FSDP's bf16 gathers (forward and backward) plus, per micro-batch, the K/V gathers of forward and recompute
+    assert sim.collectives["all_gather"] == pytest.approx(2 * 2 * n * 2 + 2 * 2 * kv, rel=0.01)

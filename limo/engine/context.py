@@ -70,3 +70,13 @@ def cp_loss(model: torch.nn.Module, shard: ContextShard, group: dist.ProcessGrou
     """This rank's summed loss over its tokens of a micro-batch."""
     ctx = ContextParallelAttention(group, shard)
     return model(shard.input_ids, shard.position_ids, labels=shard.labels, ctx=ctx)
+
+
+def cp_bytes_per_pass(args, tokens: int, cp: int, itemsize: int = 2, recompute: bool = True) -> int:
+    """Bytes one rank sends per micro-batch pass of `tokens` tokens over its cp group, on a ring:
+    per layer, the K/V all-gather in forward (again in the recompute of a checkpointed layer) and
+    the reduce-scatter of their gradients in backward, each (cp - 1) / cp of the gathered size."""
+    if cp <= 1:
+        return 0
+    gathered = cp * -(-tokens // cp) * 2 * args.num_kv_heads * args.head_dim * itemsize
+    return int(args.num_layers * gathered * (3 if recompute else 2) * (cp - 1) / cp)

@@ -209,7 +209,7 @@ class _Sizes:
     checkpointed: tuple[bool, ...]  # per layer
     kept: tuple[int, ...]  # what each layer keeps for backward: its input when checkpointed, else all it saves
     head_saves: int  # the final norm's input and fp32 rstd
-    cp_kv: int = 0  # context parallelism: a layer's gathered K/V and the chunks' key prefixes picked from it, bytes
+    cp_kv: int = 0  # context parallelism: a layer's chunk key prefixes picked from the gathered K/V, bytes
 
     @classmethod
     def of(cls, cfg: Config, args: ModelArgs, shard: int, path: ExecutionPath) -> _Sizes:
@@ -219,8 +219,10 @@ class _Sizes:
         # padded to a multiple of 2 cp: at most 2 cp - 1 tokens per document, left out here).
         T, H, V, L = -(-cfg.data.tokens_per_microbatch // p.cp), args.hidden_size, args.vocab_size, args.num_layers
         kv_token = 2 * args.num_kv_heads * args.head_dim * cb
-        # The all-gather's [cp T, 2 Hkv, D] and the prefixes indexed from it, (cp + 1/2) T rows (limo/data/context.py).
-        cp_kv = int((p.cp * T + (p.cp + 0.5) * T) * kv_token) if p.cp > 1 else 0
+        # At a layer's MLP backward (its peak) the attention's saved inputs are alive: the chunks' key
+        # prefixes indexed from the gathered K/V, (cp + 1/2) T rows (limo/data/context.py); the
+        # all-gather's output is freed once indexed, and the K/V gradients come after the MLP's.
+        cp_kv = int((p.cp + 0.5) * T * kv_token) if p.cp > 1 else 0
         n_total = args.num_params()
         n_head = 0 if args.tie_word_embeddings else V * H
         n_block = (n_total - V * H - n_head - H) // L
@@ -279,7 +281,7 @@ def _layer_backward_moments(s: _Sizes, cfg: Config) -> dict[str, dict[str, float
             "gathered block": gathered_blocks,
             "saved activations": sum(s.kept[:j]) + (0 if s.checkpointed[j] else s.kept[j]),
             "recomputed layer + its gradients": (s.per_layer if s.checkpointed[j] else 0) + mlp_grads,
-            "gathered K/V and their gradients (context parallel)": 2 * s.cp_kv,
+            "gathered K/V prefixes (context parallel)": s.cp_kv,
             "block gradients in flight": (3 * s.H * s.I * s.cb if j == L - 1  # the first layer back: its MLP's so far
                                           else s.n_block * 4 if s.shard > 1 else s.n_block * s.cb),
         }

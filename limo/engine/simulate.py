@@ -55,11 +55,13 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _MemRefType
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from limo.data import lengths
+from limo.data.context import shard_for_cp
 from limo.data.dataset import EncodedSample, load_samples, resolve_tokenizer
 from limo.data.loader import PackedLoader
 from limo.data.packing import CostModel, pack
@@ -85,6 +87,7 @@ _COLLECTIVES = {
     "broadcast_": ("broadcast", 0),
 }
 MICRO_BATCH_TENSORS = ("input_ids", "labels", "position_ids", "cu_seqlens")
+SHARD_TENSORS = ("input_ids", "labels", "position_ids", "gather_index", "cu_q", "cu_k")
 _CATEGORIES = {  # FSDPMemTracker's names -> ours
     "SHARDED_PARAM": "sharded parameters", "UNSHARDED_PARAM": "unsharded parameters", "BUFFER": "buffers",
     "SHARDED_GRAD": "sharded gradients", "UNSHARDED_GRAD": "unsharded gradients", "OPT": "optimizer state",
@@ -226,10 +229,21 @@ def _fake_step(cfg: Config, args: ModelArgs, world_size: int, batch: Any, dtype:
     """train.py's model, plan and optimizer on fake tensors in the (fake) process group, and one
     steady step over `batch`: the tracker's peak snapshot, where it fell, the collectives' bytes."""
     mesh = build_mesh("cpu", world_size, cfg.parallel.dp_replicate)
+    cp = cfg.parallel.cp
+    # Context parallelism: rank 0's cp group, and its shares of the micro-batches, cut on the host
+    # (limo/data/context.py reads their bounds) before they become fake.
+    world, shards = None, []
+    if cp > 1:
+        group = init_device_mesh("cpu", (world_size // cp, cp), mesh_dim_names=("dp", "cp"))["cp"].get_group()
+        world = SimpleNamespace(cp=cp, cp_rank=0, cp_group=group)
+        shards = [shard_for_cp(mb, cp, 0) for mb in batch.micro_batches]
     model = build_model(args, device="meta", dtype=torch.float32)  # fp32 master weights, as train.py
     parallelize(model, mesh, cfg.parallel, param_dtype=dtype)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, dispatch.as_device("cuda"):
-        micro_batches = [replace(mb, **{k: mode.from_tensor(getattr(mb, k)) for k in MICRO_BATCH_TENSORS}) for mb in batch.micro_batches]
+        if cp > 1:
+            micro_batches = [replace(sh, **{k: mode.from_tensor(getattr(sh, k)) for k in SHARD_TENSORS}) for sh in shards]
+        else:
+            micro_batches = [replace(mb, **{k: mode.from_tensor(getattr(mb, k)) for k in MICRO_BATCH_TENSORS}) for mb in batch.micro_batches]
         model.to_empty(device="cpu")
         model.tie_weights()
         optimizer = build_optimizer(model, cfg.optim, torch.device("cuda"))  # the GPU's choice of implementation
@@ -240,7 +254,7 @@ def _fake_step(cfg: Config, args: ModelArgs, world_size: int, batch: Any, dtype:
         tracker = _step_tracker(model, optimizer)
         counter = CollectiveBytes()
         with tracker, counter:
-            train_step(model, micro_batches, max(batch.num_label_tokens, 1), torch.device("cpu"), cfg.train.max_grad_norm)
+            train_step(model, micro_batches, max(batch.num_label_tokens, 1), torch.device("cpu"), cfg.train.max_grad_norm, world)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return tracker.get_tracker_snapshot("peak"), tracker.peak_place, dict(counter.bytes)
@@ -258,7 +272,10 @@ def simulate(cfg: Config, world_size: int, step: int | None = None, samples: int
         raise ConfigError("parallel.cpu_offload=true is not simulated: its state lives in host memory, not the GPU's")
     start = time.perf_counter()
     args, _ = model_args(cfg)
-    batch = _full_batch(cfg, full_batches) if full_batches else _step_batch(cfg, args, world_size, step, samples, read_data)
+    if world_size % cfg.parallel.cp:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp} does not divide --world-size {world_size}")
+    dp = world_size // cfg.parallel.cp  # the loader deals data over the data-parallel groups
+    batch = _full_batch(cfg, full_batches) if full_batches else _step_batch(cfg, args, dp, step, samples, read_data)
     dtype = dtype_of(cfg.train.dtype)
     if dist.is_initialized():
         raise RuntimeError("limo.engine.simulate starts its own (fake) process group: call it outside one")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from limo import kernels
 from limo.engine.checkpoint import Checkpointer, crash_point
-from limo.data.context import shard_for_cp
+from limo.data.context import ContextShard, shard_for_cp
 from limo.engine.context import cp_loss
 from limo.engine.config import Config, ConfigError, check_resume, describe_keys, load_config, resume_settings
 from limo.engine.distributed import Distributed, init_distributed
@@ -84,7 +84,8 @@ def train_step(model: torch.nn.Module, micro_batches: list, divisor: int, device
     cp = world.cp if world is not None else 1
     for mb in micro_batches:
         if cp > 1:
-            loss = cp_loss(model, shard_for_cp(mb, cp, world.cp_rank).to(device), world.cp_group)
+            shard = mb if isinstance(mb, ContextShard) else shard_for_cp(mb, cp, world.cp_rank)  # simulate cuts them ahead
+            loss = cp_loss(model, shard.to(device), world.cp_group)
         else:
             mb = mb.to(device)
             loss = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, labels=mb.labels)
