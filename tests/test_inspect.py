@@ -48,3 +48,16 @@ def test_inspect_bad_input_is_one_clear_line(tmp_path, capsys):
     synthetic.byte_tokenizer().save_pretrained(str(tmp_path / "tok"))
     assert f"{tmp_path / 'bad.jsonl'}:1: field 'solution' is missing" in refused(["--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tmp_path / "tok")])
     assert "--tokens-per-microbatch=100 is smaller than --max-tokens=200" in refused(["--data", "synthetic", "--max-tokens", "200", "--tokens-per-microbatch", "100"])
+
+def test_inspect_at_cp_2_deals_data_over_the_groups_and_reports_the_split(capsys):
+    text = data_inspect.main(["--data", "synthetic", "--max-tokens", "280", "--tokens-per-microbatch", "2048", "--world-size", "4",
+                              "--cp", "2"])  # fmt: skip
+    same = data_inspect.main(["--data", "synthetic", "--max-tokens", "280", "--tokens-per-microbatch", "2048", "--world-size", "2"])
+    # 4 ranks at cp=2 read the data as 2 data-parallel ranks do
+    assert text.splitlines()[-4].endswith(same.splitlines()[-3].split("ranks: ")[1])
+    assert "x 2 data-parallel groups of 2 ranks" in text
+    split = text.splitlines()[-1]
+    assert split.startswith("context parallel x2") and "1024 per rank in a full one" in split and "imbalance 1.000" in split
+    with pytest.raises(SystemExit):
+        data_inspect.main(["--data", "synthetic", "--world-size", "3", "--cp", "2"])
+    assert "--cp=2 does not divide --world-size=3" in capsys.readouterr().err

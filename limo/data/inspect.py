@@ -74,7 +74,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimpleNamespace]
     p.add_argument("--overlong", default="drop", choices=["drop", "truncate"])
     p.add_argument("--tokens-per-microbatch", type=int, default=None, help="token budget per GPU (default: --max-tokens)")
     p.add_argument("--samples-per-step", type=int, default=32, help="global batch in samples")
-    p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
+    p.add_argument("--world-size", type=int, default=1, help="ranks in the run")
+    p.add_argument("--cp", type=int, default=1, help="context parallelism (parallel.cp): ranks sharing each micro-batch; the data "
+                                                    "is dealt over world-size / cp groups")
     p.add_argument("--seed", type=int, default=0, help="data-order seed")
     p.add_argument("--model-preset", default="qwen2.5-32b", choices=sorted(PRESETS),
                    help="architecture whose FLOPs weigh each sample for the rank split, as training does (default qwen2.5-32b)")
@@ -86,10 +88,12 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimpleNamespace]
         synthetic_samples=817,
     )
     sizes = {"--max-tokens": cfg.max_tokens, "--tokens-per-microbatch": cfg.tokens_per_microbatch, "--samples-per-step": cfg.samples_per_step,
-             "--world-size": args.world_size}  # fmt: skip
+             "--world-size": args.world_size, "--cp": args.cp}  # fmt: skip
     bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
     if bad:
         raise SystemExit(refuse(f"{', '.join(bad)} must be >= 1", PROG))
+    if all(v >= 1 for v in sizes.values()) and args.world_size % args.cp:
+        raise SystemExit(refuse(f"--cp={args.cp} does not divide --world-size={args.world_size}", PROG))
     if cfg.tokens_per_microbatch < cfg.max_tokens:
         raise SystemExit(refuse(f"--tokens-per-microbatch={cfg.tokens_per_microbatch} is smaller than --max-tokens={cfg.max_tokens}: "
                                 "the longest sample must fit one micro-batch", PROG))
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> str:
     lengths = sorted(len(s) for s in samples)
     cost = CostModel.for_model(PRESETS[args.model_preset])
     loader = PackedLoader(samples, samples_per_step=cfg.samples_per_step, tokens_per_microbatch=cfg.tokens_per_microbatch, epochs=1,
-                          world_size=args.world_size, seed=args.seed, cost=cost)  # fmt: skip
+                          world_size=args.world_size // args.cp, seed=args.seed, cost=cost)  # fmt: skip
     packing = epoch_packing(loader)
     last = len(samples) - (loader.steps_per_epoch - 1) * cfg.samples_per_step
     quantiles = ", ".join(f"p{round(q * 100)} {percentile(lengths, q)}" for q in (0.5, 0.9, 0.99))
@@ -124,6 +128,14 @@ def main(argv: list[str] | None = None) -> str:
         f"per-rank compute imbalance (max / mean, costs of {args.model_preset}): "
         f"mean {packing['imbalance_mean']:.3f}, worst {packing['imbalance_max']:.3f}",
     ]
+    if args.cp > 1:
+        parts = 2 * args.cp
+        padded = sum(-(-n // parts) * parts for n in lengths)
+        lines[-3] = lines[-3].replace(f"x {args.world_size} ranks", f"x {args.world_size // args.cp} data-parallel groups of {args.cp} ranks")
+        lines.append(f"context parallel x{args.cp} (limo/data/context.py): each micro-batch's tokens over {args.cp} ranks, "
+                     f"{cfg.tokens_per_microbatch // args.cp} per rank in a full one, plus {(padded - sum(lengths)) / sum(lengths):.2%} "
+                     f"padding (documents to a multiple of {parts}); within a group every rank holds as many tokens and as much "
+                     "attention work (a front and the matching back chunk of every document): imbalance 1.000")  # fmt: skip
     text = "\n".join(lines)
     print(text)
     return text
