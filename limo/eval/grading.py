@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 from math import expm1, fsum, log1p
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from limo.eval.equivalence import equivalent, quick_verdict
 from limo.eval.normalize import key, left_side, normalize
@@ -66,14 +66,14 @@ def _closing_brace(text: str, start: int, limit: int) -> int | None:
     return None
 
 
-def _last_boxes(text: str) -> list[tuple[int, int, str]]:
-    r"""The complete boxes of `text` from the last backwards, as (start, end, content), stopping at
-    the first earlier box that does not close. Each box's braces are matched; `\boxed 5` without
-    braces counts; an empty box is skipped."""
-    found = []
+def _boxes_from_last(text: str) -> Iterator[tuple[int, int, str]]:
+    r"""The complete boxes of `text` from the last backwards, as (start, end, content), lazily: a
+    caller that needs only the last one reads only that one. Each box's braces are matched;
+    `\boxed 5` without braces counts; an empty box is skipped; a box inside the one found after it
+    is that one's content."""
     # A `{` still open at `open_at` never closes, and neither does any box that contains it: each
     # earlier box is read only up to there, so a run of unclosed boxes costs linear time.
-    open_at = len(text)
+    open_at, after = len(text), None
     for m in reversed(list(_BOX_RE.finditer(text))):
         j = m.end()
         while j < len(text) and text[j] == " ":
@@ -87,9 +87,9 @@ def _last_boxes(text: str) -> list[tuple[int, int, str]]:
         else:
             bare = _BARE_BOX_RE.match(text, m.end())
             content, stop = (bare.group(1).rstrip(".,;:"), bare.end()) if bare else ("", m.end())
-        if content and not (found and stop > found[-1][0]):  # a box inside the one found after it is its content
-            found.append((m.start(), stop, content))
-    return found
+        if content and not (after is not None and stop > after):
+            after = m.start()
+            yield m.start(), stop, content
 
 
 def extract_answer(text: str) -> str | None:
@@ -100,15 +100,14 @@ def extract_answer(text: str) -> str | None:
     length limit) and an empty box are not answers."""
     if not isinstance(text, str):
         raise TypeError(f"extract_answer expects the model's output text (str), got {type(text).__name__}")
-    boxes = _last_boxes(text)
-    if not boxes:
-        return None
-    listed = [boxes[0][2]]
-    for (start, _, _), (_, end, content) in zip(boxes, boxes[1:]):
-        if not listed_with(text, end, start):
+    listed: list[str] = []
+    start = 0
+    for box_start, end, content in _boxes_from_last(text):
+        if listed and not listed_with(text, end, start):
             break
         listed.append(content)
-    return ", ".join(reversed(listed))
+        start = box_start
+    return ", ".join(reversed(listed)) if listed else None
 
 
 def choice_letter(text: str) -> str | None:
