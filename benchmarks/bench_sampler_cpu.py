@@ -163,7 +163,7 @@ def host_step(batch: int, tp: int = 1) -> dict:
     step_s = statistics.median(t for t, _ in full)
     math_s = statistics.median(sampler[i - 1] for _, i in full)
     host_us = (step_s - math_s) * 1e6
-    send_us = statistics.median(sends[-len(full):]) * 1e6 if sends else 0.0  # the decode steps' (the last ones)
+    send_us = statistics.median(sends[i - 1] for _, i in full) * 1e6 if sends else 0.0  # the full-batch decode steps' broadcasts
     return {"batch": batch, "tp": tp, "samples_per_prompt": n, "decode_steps": len(steps), "preemptions": llm.scheduler.num_preemptions,
             "host_us_per_step": host_us, "broadcast_us_per_step": send_us, "host_us_per_sequence": host_us / batch, "sampler_math_us_per_step": math_s * 1e6,
             "goal_us_per_step": HOST_GOAL_US_AT_256 if batch == 256 else None}  # fmt: skip

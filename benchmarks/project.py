@@ -107,10 +107,13 @@ def load_results(path: Path) -> dict:
     return section
 
 
-def recipe_memory(fit: dict, world_size: int):
+def recipe_memory(fit: dict, world_size: int, recipe: Recipe | None = None):
+    recipe = recipe or Recipe()
     cfg = load_config(LIMO_RECIPE, [
         "--model.path=none", "--model.preset=qwen2.5-32b", f"--parallel.activation_checkpointing={fit['ac']}",
-        f"--parallel.compile={fit['compile']}", f"--optim.state_dtype={fit['state_dtype']}",
+        f"--parallel.compile={fit['compile'] and recipe.cp == 1}", f"--optim.state_dtype={fit['state_dtype']}",
+        f"--parallel.cp={recipe.cp}", f"--data.tokens_per_microbatch={recipe.tokens_per_microbatch}",
+        f"--data.max_tokens={recipe.tokens_per_microbatch}",
     ])  # fmt: skip
     return plan_memory(cfg, TARGET, world_size, H100_80GB_GIB)
 
@@ -191,7 +194,7 @@ def project(section: dict, recipe: Recipe = Recipe(), nvlink_gbps: float = 450.0
             serial += c + comm + kv
     overlapped += steps * optimizer
     serial += steps * optimizer
-    memory = recipe_memory(fit, recipe.world_size)
+    memory = recipe_memory(fit, recipe.world_size, recipe)
     return Projection(
         fit=fit, device=section["environment"]["device"], tokens_per_epoch=sum(lengths), steps=steps, passes_per_rank=passes,
         compute_s=compute, comm_per_pass_s=comm, optimizer_per_step_s=optimizer, minutes_overlapped=overlapped / 60,

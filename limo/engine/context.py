@@ -42,7 +42,7 @@ class _GatherTokens(torch.autograd.Function):
         group = ctx.group
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         n = grad.shape[0] // size
-        if dist.get_backend(group) == "nccl":
+        if grad.is_cuda:  # NCCL (also under CPU offload's "cuda:nccl,cpu:gloo")
             mine = grad.new_empty(n, *grad.shape[1:])
             dist.reduce_scatter_tensor(mine, grad.contiguous(), group=group)
             return mine, None

@@ -278,7 +278,7 @@ def evaluate_export(cfg: Config, out: Path, device: torch.device) -> None:
             results.rename(aside)
     command = [sys.executable, "-m", "limo.eval.run", "--model", str(out / "hf"), "--benchmarks", ",".join(cfg.eval.benchmarks),
                "--out", str(results), "--device", device.type, "--dtype", "bfloat16" if device.type == "cuda" else "float32",
-               "--max-tokens", str(cfg.eval.max_tokens)]  # fmt: skip
+               "--max-tokens", str(cfg.eval.max_tokens), "--tp", "1", "--dp", "1"]  # fmt: skip  # one GPU, as before: the ranks may still be exiting
     if cfg.eval.samples:
         command += ["--samples", str(cfg.eval.samples), "--temperature", str(cfg.eval.temperature)]
     if cfg.eval.limit:

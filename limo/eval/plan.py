@@ -76,8 +76,8 @@ def mean_output_tokens(max_tokens: int) -> float:
 
 
 def plan(args: ModelArgs, gpus: int, workload: dict[str, tuple[int, int]], max_tokens: int, max_num_seqs: int = 256,
-         mean_tokens: float | None = None) -> list[Choice]:  # fmt: skip
-    """Every T x D choice on `gpus` GPUs for the workload {benchmark: (problems, samples)}."""
+         mean_tokens: float | None = None, hbm_gib: float = HBM_GIB) -> list[Choice]:  # fmt: skip
+    """Every T x D choice on `gpus` GPUs of `hbm_gib` for the workload {benchmark: (problems, samples)}."""
     mean_out = mean_tokens if mean_tokens is not None else mean_output_tokens(max_tokens)
     generated = sum(p * s for p, s in workload.values()) * mean_out
     context = PROMPT_TOKENS + mean_out / 2  # a decoding sequence holds its prompt and, on average, half its output
@@ -90,7 +90,7 @@ def plan(args: ModelArgs, gpus: int, workload: dict[str, tuple[int, int]], max_t
             continue
         weights = shard_bytes(layout)
         per_token = kv_bytes_per_token(layout)
-        free = MEMORY_FRACTION * HBM_GIB * GIB - weights - RESERVE_GIB * GIB
+        free = MEMORY_FRACTION * hbm_gib * GIB - weights - RESERVE_GIB * GIB
         kv_tokens = max(0, int(free // per_token))
         batch = min(max_num_seqs, int(kv_tokens // context))
         full = kv_tokens // (PROMPT_TOKENS + max_tokens)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 import weakref
 from typing import Any, Sequence
 
@@ -30,8 +31,10 @@ class ReplicaDied(RuntimeError):
 
 
 def _replica_main(index: int, devices: list[int] | None, model_dir: str, llm_kwargs: dict[str, Any], inbox: Any, outbox: Any) -> None:
-    if devices is not None:  # before CUDA is initialised in this process
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+    if devices is not None:  # before CUDA is initialised in this process; indices into what the parent sees
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        physical = visible.split(",") if visible else [str(d) for d in range(max(devices) + 1)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical[d] for d in devices)
     from limo.eval.sampler import LLM
 
     try:
@@ -52,8 +55,10 @@ def _shutdown(inboxes: list[Any], procs: list[Any]) -> None:
     for inbox, p in zip(inboxes, procs):
         if p.is_alive():
             inbox.put(None)
+    deadline = time.monotonic() + 30  # one wait for all of them, then whatever is left is killed
     for p in procs:
-        p.join(timeout=30)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
         if p.is_alive():
             p.kill()
             p.join()

@@ -204,20 +204,25 @@ def parallel_layout(args: argparse.Namespace, gpus: int) -> tuple[int, int, str]
     visible (limo/eval/plan.py); a CPU runs one sampler."""
     if args.tp != "auto" and args.dp != "auto":
         return int(args.tp), int(args.dp), "as asked"
-    if args.device != "cuda" or gpus <= 1:
+    if args.device != "cuda" or gpus <= 1 or args.engine == "transformers":
         return int(args.tp if args.tp != "auto" else 1), int(args.dp if args.dp != "auto" else 1), "one device"
     from limo.eval import plan
 
     names = [b.strip().partition("=")[0] for b in args.benchmarks.split(",") if b.strip()]
     workload = plan.workload_of([n for n in names if n in plan.LIMO_SUITE] or list(plan.LIMO_SUITE), args.limit, args.samples)
-    choices = plan.plan(plan.model_args(args.model), gpus, workload, args.max_tokens, args.max_num_seqs)
+    import torch
+
+    hbm = torch.cuda.get_device_properties(0).total_memory / 2**30
+    choices = plan.plan(plan.model_args(args.model), gpus, workload, args.max_tokens, args.max_num_seqs, hbm_gib=hbm)
     if args.tp != "auto":
         choices = [c for c in choices if c.tp == int(args.tp)]
     if args.dp != "auto":
         choices = [c for c in choices if c.dp == int(args.dp)]
     chosen = plan.best(choices)
-    if chosen is None:
-        raise ValueError(f"no tensor x data-parallel layout of {gpus} GPUs fits this run (python -m limo.eval.plan shows why)")
+    if chosen is None:  # one GPU with preemption, as before: slower, but it runs what fits
+        print(f"warning: no tensor x data-parallel layout of {gpus} GPUs of {hbm:.0f} GiB fits the plan's full-length chains "
+              "(python -m limo.eval.plan shows why): sampling on one GPU", file=sys.stderr, flush=True)  # fmt: skip
+        return 1, 1, "no layout fits the plan"
     return chosen.tp, chosen.dp, f"the plan's best on {gpus} GPUs, projected {chosen.hours * 60:.0f} min"
 
 
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.tp * args.dp > 1 or args.device == "cuda":
+    if args.engine == "sampler" and (args.tp * args.dp > 1 or args.device == "cuda"):
         print(f"sampling with tensor parallelism {args.tp} x {args.dp} data-parallel replicas ({why})", flush=True)
     fingerprint = model_fingerprint(args.model)
     folder = Path(args.model).resolve()

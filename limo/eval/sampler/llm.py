@@ -267,8 +267,11 @@ class LLM:
                 bar.update(len(done))
         except BaseException as e:
             self.scheduler.abort_all()
-            if self._tp is not None:  # a collective that failed because a worker died: say which
-                self._tp.raise_if_dead(e)
+            if self._tp is not None:  # the ranks may be between two collectives: the group cannot run another step
+                try:
+                    self._tp.raise_if_dead(e)  # a collective that failed because a worker died: say which
+                finally:
+                    self._tp.close(abort=True)
             raise
         finally:
             bar.close()

@@ -10,8 +10,11 @@ group: NCCL on GPUs (rank r on cuda:r of the devices visible), gloo on CPU.
 
 A worker that dies (killed, out of memory) surfaces as WorkerDied naming its rank, pid and exit
 code: rank 0 checks the workers before each step, and a collective that fails because a peer is
-gone is re-raised that way; a peer that stops answering without dying ends in the group's timeout
-(LIMO_TP_TIMEOUT_S, default 300 s), never a silent hang.
+gone is re-raised that way (gloo notices a closed socket at once: tested on CPU). On GPUs a worker
+that dies inside a step leaves rank 0 waiting in NCCL until the group's timeout
+(LIMO_TP_TIMEOUT_S, default 300 s), after which PyTorch's NCCL watchdog aborts the process:
+bounded, but without the WorkerDied message (not yet run on a GPU). After any failure of a step
+the group is closed: its ranks may be between two collectives, so it cannot run another.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -131,6 +135,9 @@ class TensorParallelGroup:
         if dist.is_initialized():
             raise RuntimeError("tensor_parallel_size > 1 starts its own process group; this process is already in one "
                                "(torchrun?): run the sampler in a process of its own")  # fmt: skip
+        if device.type == "cuda" and device.index not in (None, 0):
+            raise ValueError(f"tensor_parallel_size={size} uses cuda:0..{size - 1} of the GPUs visible; got device {device}: "
+                             "choose the GPUs with CUDA_VISIBLE_DEVICES instead")  # fmt: skip
         if device.type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
         self.size = size
@@ -146,6 +153,7 @@ class TensorParallelGroup:
         for w in self.workers:
             w.start()
         self._closed = False
+        self.control = None
         try:
             self.device = _rank_device(device.type, 0)
             self.control = _join(0, size, init_file, self.device)
@@ -164,32 +172,40 @@ class TensorParallelGroup:
 
     def raise_if_dead(self, cause: BaseException) -> None:
         """After a failure: if a worker is gone, that is the error to report (waits briefly for it)."""
-        for w in self.workers:
-            w.join(timeout=2.0)
-            if not w.is_alive():
-                break
+        deadline = time.monotonic() + 2.0  # one short wait in all, for a worker that is dying
+        while time.monotonic() < deadline and all(w.is_alive() for w in self.workers):
+            time.sleep(0.05)
         try:
             self.check()
         except WorkerDied as died:
             raise died from cause
 
     def broadcast(self, step: StepInputs) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM's tensor-parallel group was closed (after a failed step, or by close()): make a new LLM")
         self.check()
         send_step(step, self.control)
 
-    def close(self) -> None:
-        """Stop the workers (a None step), wait for them, leave the group. Idempotent."""
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers (a None step), wait for them, leave the group. Idempotent. `abort`
+        (after a failed step, when the workers may be inside a collective): kill them instead."""
         if self._closed:
             return
         self._closed = True
-        if dist.is_initialized():
+        if abort:
+            for w in self.workers:
+                if w.is_alive():
+                    w.kill()
+        if dist.is_initialized() and not abort:
             try:
-                if all(w.is_alive() for w in self.workers):
+                if self.control is not None and all(w.is_alive() for w in self.workers):
                     send_step(None, self.control)
             except RuntimeError as e:  # a dead peer: nothing left to tell
                 log.info("tensor-parallel shutdown: %s", e)
+        deadline = time.monotonic() + 30  # one wait for all of them, then whatever is left is killed
         for w in self.workers:
-            w.join(timeout=30)
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
             if w.is_alive():
                 w.kill()
                 w.join()
