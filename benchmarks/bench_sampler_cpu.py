@@ -50,6 +50,20 @@ class NullModel(torch.nn.Module):
         return self.fixed.expand(hidden.shape[0], -1)  # [n, V]
 
 
+def python_unit(clock: Callable[[], float] = time.thread_time) -> float:
+    """Seconds of `clock` for a fixed piece of plain Python (dict and list work, as a scheduler
+    does): the yardstick the host figures are divided by, so that a slower or busier machine moves
+    both alike. Measured between decode steps, in the same thread."""
+    start = clock()
+    table: dict[int, int] = {}
+    out: list[int] = []
+    for i in range(4000):
+        table[i & 255] = i
+        out.append(table.get((i * 7) & 255, 0) + i)
+    del out
+    return clock() - start
+
+
 def _timed(obj: object, name: str, into: list[float], clock: Callable[[], float]) -> None:
     real = getattr(obj, name)
 
@@ -135,10 +149,13 @@ def host_step(batch: int, tp: int = 1) -> dict:
         state["batch"] = real_schedule()
         return state["batch"]
 
+    units: list[float] = []
+
     def postprocess(b, token_ids):
         out = real_post(b, token_ids)
         if not b.is_prefill:
             steps.append((clock() - state["start"], len(b.seqs), len(sampler)))
+            units.append(python_unit(clock))  # outside the step's window: the next schedule() restarts it
         return out
 
     llm.scheduler.schedule, llm.scheduler.postprocess = schedule, postprocess
@@ -160,12 +177,15 @@ def host_step(batch: int, tp: int = 1) -> dict:
             group.close()
     # Steady state: the steps whose batch is full (the ramp-up and the draining tail are shorter).
     full = [(t, i) for t, b, i in steps if b == batch] or [(t, i) for t, b, i in steps]
-    step_s = statistics.median(t for t, _ in full)
+    # Each step's own host time (the step less its sampler math), then the median: the math's noise
+    # does not add to the host's as it would in a difference of two medians.
+    host_us = statistics.median(t - sampler[i - 1] for t, i in full) * 1e6
     math_s = statistics.median(sampler[i - 1] for _, i in full)
-    host_us = (step_s - math_s) * 1e6
     send_us = statistics.median(sends[i - 1] for _, i in full) * 1e6 if sends else 0.0  # the full-batch decode steps' broadcasts
+    unit_us = statistics.median(units) * 1e6
     return {"batch": batch, "tp": tp, "samples_per_prompt": n, "decode_steps": len(steps), "preemptions": llm.scheduler.num_preemptions,
-            "host_us_per_step": host_us, "broadcast_us_per_step": send_us, "host_us_per_sequence": host_us / batch, "sampler_math_us_per_step": math_s * 1e6,
+            "host_us_per_step": host_us, "python_unit_us": unit_us, "host_units_per_step": host_us / unit_us,
+            "broadcast_us_per_step": send_us, "host_us_per_sequence": host_us / batch, "sampler_math_us_per_step": math_s * 1e6,
             "goal_us_per_step": HOST_GOAL_US_AT_256 if batch == 256 else None}  # fmt: skip
 
 

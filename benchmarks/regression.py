@@ -16,11 +16,14 @@ the code that a careless change moves:
   planner_activation_error   |measured - engine.memory's model| / measured, without checkpointing
   logits_peak_fraction       the fused cross-entropy's largest live [*, V] bytes over full logits,
                              forward + backward, with the chunk budget forcing 8 chunks
-  sampler_host_us_per_step_b256  the sampler's host work per decode step at batch 256 (scheduling,
+  sampler_host_units_per_step_b256  the sampler's host work per decode step at batch 256 (scheduling,
                              block tables, slots, sampling inputs, stop checks: everything but the
                              forward, with a null model; benchmarks/bench_sampler_cpu.py), this
-                             thread's CPU time. Baseline: the goal, 1 ms; it fails past 1.5 ms
-                             (machines differ), which O(context) work per step would cross
+                             thread's CPU time, over a fixed piece of plain Python timed between the
+                             steps (python_unit, ~0.52 ms here): a slower or busier machine moves both.
+                             Baseline: the goal, 1 ms, in this machine's units (1.9); it fails past
+                             2.85, which O(context) work per step would cross. Measured 1.56-1.68
+                             (808-880 us). sampler_host_us_per_step_b256, the same in us, is reported beside it
   limo_32b_simulated_peak_gib  the LIMO 32B recipe's step on 8 ranks, simulated at full size
                              (limo/engine/simulate.py: two full 16k micro-batches, fake tensors), GiB per rank
   limo_32b_planner_error     |the planner's tensors / the simulated peak - 1|: the goal is <= 5%
@@ -315,7 +318,9 @@ def measure() -> dict:
     )
     syncs, where = host_syncs_per_step()
     figures["host_syncs_per_step"] = syncs
-    figures["sampler_host_us_per_step_b256"] = host_step(256)["host_us_per_step"]
+    host = host_step(256)
+    figures["sampler_host_units_per_step_b256"] = host["host_units_per_step"]
+    figures["sampler_host_us_per_step_b256"] = host["host_us_per_step"]
     figures.update(limo_32b_figures())
     figures["curate_20k_dedup_decontaminate_s"] = time_curation(20_000)["wall_s"]
     figures["grading_verdicts_per_s"] = grading_speed()["verdicts_per_s"]

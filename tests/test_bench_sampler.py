@@ -83,6 +83,7 @@ def test_host_mode_measures_the_host_side_with_a_null_model(tmp_path, capsys):
     assert rows[32]["preemptions"] > 0 and rows[32]["decode_steps"] > 90  # 96 new tokens, recomputes included
     for r in rows.values():
         assert 0 < r["host_us_per_step"] and r["host_us_per_sequence"] == pytest.approx(r["host_us_per_step"] / r["batch"])
+        assert r["host_units_per_step"] == pytest.approx(r["host_us_per_step"] / r["python_unit_us"]) and r["python_unit_us"] > 0
     assert "us per step" in capsys.readouterr().out
 
 
