@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared").resolve()
+# torchrun as the tests launch it: --standalone puts each run's rendezvous on a free port, so runs in
+# parallel test workers (`make test` runs pytest -n 2) never meet on torchrun's default port 29500.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def shared_path(*parts: str) -> Path:

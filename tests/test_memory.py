@@ -14,7 +14,7 @@ from benchmarks.regression import activation_bytes_per_token_layer
 from limo.engine.config import load_config
 from limo.engine.memory import H100_80GB_GIB, ExecutionPath, layer_activation_bytes_per_token, plan_memory
 from limo.model.qwen2 import PRESETS, ModelArgs, VarlenContext, build_model, rotary_cos_sin
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TORCHRUN
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -142,7 +142,7 @@ def test_a_152k_vocab_cpu_run_stays_small_and_the_plan_holds(qwen_vocab_folder, 
     memory.json beside the measurement."""
     folder, data = qwen_vocab_folder
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "limo/engine/train.py", "--config",
+    cmd = [*TORCHRUN, "--nproc_per_node", str(nproc), "limo/engine/train.py", "--config",
            "configs/demo.toml", f"--model.path={folder}", f"--data.path={data}", "--data.max_tokens=1024", "--data.samples_per_step=16", "--train.max_steps=2",
            "--eval.benchmarks=", "--checkpoint.export_hf=false", f"--train.output_dir={out}", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS_BACKEND": "torch"}

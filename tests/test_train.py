@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, rel_err
+from tests.conftest import ROOT, TORCHRUN, rel_err
 
 SMALL = [
     "--data.synthetic_samples=96", "--data.samples_per_step=16", "--train.max_steps=6", "--checkpoint.every_steps=2",
@@ -28,7 +28,7 @@ SMALL = [
 
 
 def _command(out: Path, nproc: int, extra: tuple[str, ...], launcher: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher, "limo/engine/train.py",
+    return [*TORCHRUN, "--nproc_per_node", str(nproc), *launcher, "limo/engine/train.py",
             "--config", "configs/demo.toml", *SMALL, f"--train.output_dir={out}", *extra]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from limo.data import synthetic
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TORCHRUN
 
 GOOD = {"question": "What is 2+3?", "solution": "2+3 = \\boxed{5}", "answer": "5"}
 
@@ -79,7 +79,7 @@ def test_training_refuses_each_bad_data_file_in_one_line_and_leaves_no_output_di
 def test_training_under_torchrun_says_it_once(tmp_path, tokenizer_dir):
     path = _write_bad(tmp_path, "no-answer")
     proc = _run(_train(tmp_path / "out", f"--data.path={path}", f"--data.tokenizer={tokenizer_dir}"),
-                launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])  # fmt: skip
+                launcher=[*TORCHRUN, "--nproc_per_node", "2"])  # fmt: skip
     mine = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # torchrun's own report follows (its exit 1)
     assert proc.returncode != 0 and len(mine) == 1 and f"{path}:1: field 'answer' is missing" in mine[0], proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
