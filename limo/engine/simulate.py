@@ -46,6 +46,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
@@ -54,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed._tools.mem_tracker import _MemRefType
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -181,8 +182,10 @@ def _step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
     """An FSDPMemTracker over one step of several micro-batches, that also says where its peak fell.
 
     The tracker keeps one forward's per-module stats and refuses a second forward: here each new
-    forward clears them first (the step's peak is kept apart from them). Whenever the peak rises,
-    the innermost module running then, and the pass, are noted in `peak_place`.
+    forward clears them first (the step's peak is kept apart from them). Only the step's peak is
+    kept up to date: torch's tracker also walks every module's stats after every op, to keep each
+    module's own peak, which nothing here reads (at 64 layers, 100 of the 32B step's 120 s). Whenever
+    the peak rises, the innermost module running then, and the pass, are noted in `peak_place`.
     """
     class StepTracker(FSDPMemTracker):
         peak_place = "the optimizer step"
@@ -190,9 +193,12 @@ def _step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
         def _update_peak_stats(self, peak_state) -> None:
             if _in_sharding_propagation():
                 return  # DTensor's metadata propagation: global-shape fake arguments no rank ever holds
-            before = dict(self._peak_mem)
-            super()._update_peak_stats(peak_state)
-            if self._peak_mem != before:
+            risen = False
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap[_TOTAL_KEY], deepcopy(snap)
+                    risen = True
+            if risen:
                 running = [m for m in self._mod_tracker.parents if m != "Global"]
                 if not running:
                     self.peak_place = "between modules (the loss's backward, the clip or the optimizer)"
