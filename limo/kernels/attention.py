@@ -111,21 +111,26 @@ def varlen_attention(
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     backend = attention_backend(path_of(q)[0], q.dtype)
-    if backend == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
-    if backend == "torch_varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        if "enable_gqa" not in _TORCH_VARLEN_KWARGS:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **_TORCH_VARLEN_KWARGS)
+    if backend != "reference":
+        return _fast_varlen(backend, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale)
     if shapes_only(q):
         return _reference_op(q, k, v, cu_seqlens, scale)
     return reference.varlen_attention(q, k, v, cu_seqlens, scale)
 
+
+def _fast_varlen(backend: str, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """flash-attn's or torch's varlen kernel: causal, bottom-right aligned where a segment's
+    queries are fewer than its keys (the same as top-left where they are as many)."""
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+    from torch.nn.attention.varlen import varlen_attn
+
+    if "enable_gqa" not in _TORCH_VARLEN_KWARGS:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_TORCH_VARLEN_KWARGS)
 
 def _varlen_attention_qk(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
@@ -133,17 +138,8 @@ def _varlen_attention_qk(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     if cu_q.shape != cu_k.shape or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
         raise ValueError(f"cu_seqlens {tuple(cu_q.shape)} {cu_q.dtype} and cu_seqlens_k {tuple(cu_k.shape)} {cu_k.dtype}: one int32 bound per segment each")
     backend = attention_backend(path_of(q)[0], q.dtype)
-    if backend == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
-    if backend == "torch_varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        if "enable_gqa" not in _TORCH_VARLEN_KWARGS:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_TORCH_VARLEN_KWARGS)
+    if backend != "reference":
+        return _fast_varlen(backend, q, k, v, cu_q, cu_k, max_q, max_k, scale)
     if shapes_only(q):
         raise NotImplementedError("context-parallel attention on the reference path runs eagerly on real tensors only "
                                   "(no torch.compile, no fake tensors): use flash-attn or torch varlen on CUDA")  # fmt: skip
