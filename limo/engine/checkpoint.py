@@ -32,9 +32,7 @@ A failed write (a full disk, an I/O error) fails the save on every rank with one
 CheckpointWriteError: the checkpoint, each failing rank's file and errno, and the bytes needed
 against the bytes free. The partial folder is removed; the earlier checkpoints are untouched.
 
-Fault injection (tests only), ENGINE_CRASH_AT: `save:N` kills the process with SIGKILL halfway
-through the save of step N (after the shards are written, before the rename); `nospace:N`
-(`nospace:N:R`: rank R only) makes the writes of step N's shards fail with ENOSPC inside DCP's writer.
+The crash and full-disk tests inject their faults here through limo/engine/faults.py.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import time
 from concurrent.futures import Future
@@ -68,6 +65,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from limo.engine.distributed import all_gather_object, barrier, broadcast_object
+from limo.engine.faults import crash_point, injected_errno
 from limo.engine.integrity import (
     Entry,
     HashingWriter,
@@ -91,26 +90,6 @@ LOCK = ".checkpoints.lock"
 
 class CheckpointWriteError(RuntimeError):
     """A save that could not be written (a full disk, an I/O error); raised on every rank."""
-
-
-def crash_point(where: str) -> None:
-    """Fault injection for the crash and preemption tests, at `where` (step:N after step N, save:N
-    halfway through saving it) when ENGINE_CRASH_AT names it: SIGKILL this process; with
-    ENGINE_CRASH_RANK=R only rank R does; with ENGINE_CRASH_SIGNAL=TERM, rank 0 sends SIGTERM to
-    its launcher instead (torchrun passes it to every worker, as a cluster's stop does). Only in
-    a run's first attempt: an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) goes on unharmed."""
-    if os.environ.get("ENGINE_CRASH_AT") != where or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    rank = os.environ.get("RANK", "0")
-    if os.environ.get("ENGINE_CRASH_SIGNAL") == "TERM":
-        if rank == "0":
-            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()  # plain python: itself
-            log.warning("ENGINE_CRASH_AT=%s: sending SIGTERM to pid %d", where, launcher)
-            os.kill(launcher, signal.SIGTERM)
-        return
-    if os.environ.get("ENGINE_CRASH_RANK", rank) == rank:
-        log.warning("ENGINE_CRASH_AT=%s: killing this process now", where)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _rng_state() -> dict[str, str]:
@@ -146,31 +125,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# The collectives below do nothing without a process group: one process, as in the unit tests.
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _errno(e: OSError) -> str:
     return f"{os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else str(e)
 
@@ -201,11 +155,6 @@ def _bytes_written(tree: Any) -> int:
     if isinstance(tree, torch.Tensor):
         return tree.numel() * tree.element_size() // (dist.get_world_size() if dist.is_initialized() else 1)
     return 0
-
-
-def _injected_failure(step: int, rank: int) -> int | None:
-    """ENGINE_CRASH_AT=nospace:N (or nospace:N:R): the errno the writes of step N fail with."""
-    return errno.ENOSPC if os.environ.get("ENGINE_CRASH_AT") in (f"nospace:{step}", f"nospace:{step}:{rank}") else None
 
 
 def _gb(n: int) -> str:
@@ -248,7 +197,7 @@ class Checkpointer:
         """Make this run the folder's only writer, or refuse on every rank (collective, once)."""
         if self._claimed:
             return
-        refusal = _broadcast(self._lock() if self.rank == 0 else None)
+        refusal = broadcast_object(self._lock() if self.rank == 0 else None)
         if refusal:
             raise RuntimeError(refusal)
         self._claimed = True
@@ -305,7 +254,7 @@ class Checkpointer:
         """The newest checkpoint that verifies, the same on every rank; each newer one that does not
         is set aside first (collective). None when there is none."""
         self._claim()
-        names = _broadcast([p.name for p in reversed(self.complete())] if self.rank == 0 else None)
+        names = broadcast_object([p.name for p in reversed(self.complete())] if self.rank == 0 else None)
         if self.rank == 0:
             self._remove_unfinished()
         for name in names:
@@ -329,15 +278,15 @@ class Checkpointer:
                 entries = read_manifest(path)
             except ManifestError as e:
                 problems = [("unverifiable", str(e))]
-        entries, problems = _broadcast((entries, problems))
+        entries, problems = broadcast_object((entries, problems))
         if problems:
             return problems
         world = dist.get_world_size() if dist.is_initialized() else 1
         mine = check_files(path, entries, share(entries, self.rank, world))
-        problems = [p for some in _all_gather(mine) for p in some]
+        problems = [p for some in all_gather_object(mine) for p in some]
         if not problems and self.rank == 0:
             problems = unparsable(path, entries)
-        return _broadcast(problems)
+        return broadcast_object(problems)
 
     def recorded_settings(self) -> tuple[Path, dict[str, Any]] | None:
         """(checkpoint, its optimizer and schedule settings) of the newest checkpoint whose train
@@ -382,9 +331,9 @@ class Checkpointer:
         if self.rank == 0:
             self._remove_unfinished()
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         tensors = self._tensors(model, optimizer)
-        writer = HashingWriter(tmp, fail_with=_injected_failure(step, self.rank), on_write=lambda: crash_point(f"write:{step}"), name=final.name)
+        writer = HashingWriter(tmp, fail_with=injected_errno(step, self.rank), on_write=lambda: crash_point(f"write:{step}"), name=final.name)
         save = _Save(step, final, tmp, writer, train_state, _bytes_written(tensors), json.dumps(_rng_state()))
         try:
             if self.async_save and dist.is_initialized():
@@ -406,7 +355,7 @@ class Checkpointer:
         """At a step boundary: complete the save in flight if every rank's write has finished (a
         failed one fails the run here, on every rank, with the save's message)."""
         if self._pending is not None and self._pending.future is not None:
-            done = _all_gather(self._pending.future.done())
+            done = all_gather_object(self._pending.future.done())
             if all(done):
                 self.wait()
 
@@ -424,7 +373,7 @@ class Checkpointer:
                 save.writer.fs.files[rng] = _write_durably(save.tmp / rng, save.rng)
             except (Exception, CheckpointException) as e:  # noqa: BLE001
                 save.error = _failure(self.rank, save.writer.fs.error, e)
-        reports = _all_gather((save.error is not None, save.error, save.writer.fs.files, save.nbytes))
+        reports = all_gather_object((save.error is not None, save.error, save.writer.fs.files, save.nbytes))
         needed = sum(r[3] for r in reports)
         self._raise_if_failed(save.final, save.tmp, [(r[0], r[1]) for r in reports], needed)
         crash_point(f"save:{save.step}")
@@ -435,7 +384,7 @@ class Checkpointer:
                 self._complete(save.step, save.final, save.tmp, files, save.train_state)
             except OSError as e:
                 failed, detail = True, _failure(0, None, e)
-        self._raise_if_failed(save.final, save.tmp, [_broadcast((failed, detail))], needed)
+        self._raise_if_failed(save.final, save.tmp, [broadcast_object((failed, detail))], needed)
 
     def _complete(self, step: int, final: Path, tmp: Path, files: dict[str, Entry], train_state: dict[str, Any]) -> None:
         """Rank 0: the train state, then the manifest of everything, then the rename into place."""
@@ -455,7 +404,7 @@ class Checkpointer:
             return
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+        barrier()
         details = "; ".join(d for _, d in reports if d) or "see the traceback"
         free, kept = shutil.disk_usage(self.root).free, self.complete()
         raise CheckpointWriteError(

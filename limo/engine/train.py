@@ -33,12 +33,13 @@ import torch
 import torch.distributed as dist
 
 from limo import kernels
-from limo.engine.checkpoint import Checkpointer, crash_point
 from limo.data.context import ContextShard, shard_for_cp
-from limo.engine.context import cp_loss
+from limo.engine.checkpoint import Checkpointer
 from limo.engine.config import Config, ConfigError, check_resume, describe_keys, load_config, resume_settings
+from limo.engine.context import cp_loss
 from limo.engine.distributed import Distributed, init_distributed
 from limo.engine.export import export_hf
+from limo.engine.faults import crash_point
 from limo.engine.memory import ExecutionPath, MemoryPlan, PeakProbe, checkpoint_bytes, device_capacity_gib, plan_memory, record_peaks
 from limo.engine.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from limo.engine.optim import build_optimizer, build_scheduler
