@@ -132,6 +132,7 @@ def _fast_varlen(backend: str, q, k, v, cu_q, cu_k, max_q, max_k, scale):
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_TORCH_VARLEN_KWARGS)
 
+
 def _varlen_attention_qk(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
         raise ValueError(f"expected q [Tq, Hq, D] and k, v [Tk, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
