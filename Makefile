@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/torchrun --nproc_per_node 2 limo/engine/train.py --config configs/demo.toml
 
 # The suite is mostly processes of its own (torchrun runs, command lines), so it runs on
-# TEST_WORKERS pytest workers (pytest-xdist): 18 min on a 2-core machine, against 24 on one.
+# TEST_WORKERS pytest workers (pytest-xdist): 18-20 min on a 2-core machine, against 24 on one.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(INTERPRET) $(PY) -m pytest -q -n $(TEST_WORKERS)
