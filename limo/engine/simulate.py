@@ -184,8 +184,8 @@ def _step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
     The tracker keeps one forward's per-module stats and refuses a second forward: here each new
     forward clears them first (the step's peak is kept apart from them). Only the step's peak is
     kept up to date: torch's tracker also walks every module's stats after every op, to keep each
-    module's own peak, which nothing here reads (at 64 layers, 100 of the 32B step's 120 s). Whenever
-    the peak rises, the innermost module running then, and the pass, are noted in `peak_place`.
+    module's own peak, which nothing here reads (the 32B step took 123 s with that walk, 40 s without).
+    Whenever the peak rises, the innermost module running then, and the pass, are noted in `peak_place`.
     """
     class StepTracker(FSDPMemTracker):
         peak_place = "the optimizer step"
