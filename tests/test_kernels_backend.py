@@ -1,6 +1,8 @@
 """Backend selection in limo/kernels/dispatch.py: explicit, decided once, logged, never a silent fallback; fake tensors take their device's path."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +163,26 @@ def test_value_less_tensors_stand_for_cuda_only_when_asked():
         with FakeTensorMode():
             assert dispatch.path_of(torch.empty(2)) == ("cuda", True)
     assert dispatch.path_of(t) == ("meta", False)
+
+
+def test_the_compile_constant_marker_is_the_one_torch_sets():
+    """dispatch.constant_to_compile stands in for torch.compiler.assume_constant_result (which
+    imports torch._dynamo): both must leave a function with the same marks."""
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    assert vars(dispatch.constant_to_compile(ours)) == vars(torch.compiler.assume_constant_result(torchs)) != {}
+    assert dispatch.backend._dynamo_marked_constant and dispatch.attention_backend._dynamo_marked_constant
+
+
+def test_the_kernels_and_the_cpu_sampler_start_without_torch_dynamo():
+    """torch._dynamo costs ~2 s of every process's start-up: a process that never compiles (a data
+    tool, the sampler on a CPU) does not import it. Training imports it at FSDP2's first forward."""
+    code = ("import sys; import limo.kernels, limo.eval.sampler, limo.data.inspect; "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

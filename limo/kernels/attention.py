@@ -40,7 +40,18 @@ def _torch_varlen_kwargs() -> dict:
     return {**causal, "enable_gqa": True} if "enable_gqa" in params else causal
 
 
-_TORCH_VARLEN_KWARGS = _torch_varlen_kwargs()  # resolved at import, so torch.compile never traces `inspect`
+# Resolved once, never inside a torch.compile trace (which would trace `inspect`): at import where
+# CUDA is available, as real tensors take torch_varlen only there; elsewhere at the first call,
+# which only fake CUDA tensors make (the simulation, uncompiled). torch.nn.attention.varlen imports
+# torch._dynamo, ~2 s of start-up that a process without a GPU (a data tool, a CPU sampler) skips.
+_TORCH_VARLEN_KWARGS: dict | None = _torch_varlen_kwargs() if torch.cuda.is_available() else None
+
+
+def _varlen_kwargs() -> dict:
+    global _TORCH_VARLEN_KWARGS
+    if _TORCH_VARLEN_KWARGS is None:
+        _TORCH_VARLEN_KWARGS = _torch_varlen_kwargs()
+    return _TORCH_VARLEN_KWARGS
 
 
 @torch.library.custom_op("limo::varlen_attention_reference", mutates_args=())
@@ -127,10 +138,11 @@ def _fast_varlen(backend: str, q, k, v, cu_q, cu_k, max_q, max_k, scale):
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
     from torch.nn.attention.varlen import varlen_attn
 
-    if "enable_gqa" not in _TORCH_VARLEN_KWARGS:
+    kwargs = _varlen_kwargs()
+    if "enable_gqa" not in kwargs:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_TORCH_VARLEN_KWARGS)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **kwargs)
 
 
 def _varlen_attention_qk(q, k, v, cu_q, cu_k, max_q, max_k, scale):

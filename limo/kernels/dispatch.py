@@ -39,11 +39,14 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from limo.kernels.triton_common import interpreting
+
+_R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,15 @@ def swapped_kernels(**impls: Callable) -> Iterator[None]:
         yield
     finally:
         _swapped.clear()
+
+
+def constant_to_compile(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """`torch.compiler.assume_constant_result`, without importing torch._dynamo (about 2 s of a
+    process's start-up; the sampler, the data tools and the simulation never compile). torch's
+    decorator only sets the attribute Dynamo reads; tests/test_dispatch.py checks that it still
+    does, so a torch that changes the marker fails there, not silently in a compiled model."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
 
 
 def swapped(op: str) -> Callable | None:
@@ -139,7 +151,7 @@ def set_backend(name: str = "auto") -> str:
     return backend()
 
 
-@torch.compiler.assume_constant_result
+@constant_to_compile
 def backend(device_type: str | None = None, fake: bool = False) -> str:
     """The kernel backend ("triton" or "torch") for tensors of `device_type` (default: CUDA if
     present, else CPU); `fake` for fake tensors, which take the path of their device."""
@@ -182,7 +194,7 @@ def attention_unavailable(name: str, device_type: str, dtype: torch.dtype = torc
     return None
 
 
-@torch.compiler.assume_constant_result
+@constant_to_compile
 def attention_backend(device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
     """The varlen attention backend for `device_type` and `dtype`: ATTENTION_BACKEND, else the first that can run."""
     key = (device_type, dtype)
