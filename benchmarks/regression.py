@@ -66,7 +66,7 @@ from limo import kernels  # noqa: E402
 import limo.kernels.cross_entropy as ce  # noqa: E402
 from benchmarks.bench_curate import grading_speed, time_curation  # noqa: E402
 from benchmarks.bench_sampler_cpu import host_step  # noqa: E402
-from benchmarks.harness import LIMO_RECIPE  # noqa: E402
+from benchmarks.harness import LIMO_RECIPE, LiveBytes  # noqa: E402
 from limo.data.dataset import EncodedSample  # noqa: E402
 from limo.data.packing import build_step  # noqa: E402
 from limo.engine.config import load_config  # noqa: E402
@@ -208,29 +208,10 @@ def logits_peak_fraction() -> float:
     hidden = torch.randn(T, H, generator=g)
     weight = torch.randn(V, H, generator=g)
     targets = torch.randint(0, V, (T,), generator=g)
-    logits: dict[int, tuple[int, int]] = {}  # address -> (storage weak reference, bytes)
-    peak = 0
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal peak
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == V and t.shape[0] != V:
-                    storage = t.untyped_storage()
-                    logits.setdefault(storage.data_ptr(), (storage._weak_ref(), storage.nbytes()))
-            for ptr, (ref, _) in list(logits.items()):
-                if torch.UntypedStorage._expired(ref):
-                    torch.UntypedStorage._free_weak_ref(logits.pop(ptr)[0])
-            peak = max(peak, sum(n for _, n in logits.values()))
-            return out
-
     chunk = ce.chunk_tokens(T, V, torch.float32, budget_bytes=T * V * 4 // 8)  # eight chunks
-    with Track():  # the op's implementation, which a dispatch mode sees op by op: loss and both gradients
-        ce.linear_cross_entropy_fwd(hidden, weight, targets, chunk_size=chunk)
-    for ref, _ in logits.values():
-        torch.UntypedStorage._free_weak_ref(ref)
-    return peak / (T * V * 4)
+    with LiveBytes(lambda t: t.dim() == 2 and t.shape[1] == V and t.shape[0] != V) as logits:
+        ce.linear_cross_entropy_fwd(hidden, weight, targets, chunk_size=chunk)  # the op's implementation: loss and both gradients
+    return logits.peak / (T * V * 4)
 
 
 class _HostReads(TorchFunctionMode):

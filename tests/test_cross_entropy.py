@@ -17,6 +17,7 @@ from limo.kernels.cross_entropy import (
     fused_linear_cross_entropy,
     linear_cross_entropy_fwd,
 )
+from benchmarks.harness import LiveBytes
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,37 +199,34 @@ def test_chunk_size_follows_the_memory_budget():
     assert c % 256 == 0 and c * 152064 * 4 <= CPU_LOGITS_BUDGET_BYTES < (c + 256) * 152064 * 4
 
 
+def test_live_bytes_counts_a_tensor_made_where_a_freed_one_was():
+    """The probe behind the logits checks (benchmarks/harness.py LiveBytes): a storage freed and
+    one made at its address are two storages, not one that was never freed."""
+    with LiveBytes(lambda t: t.shape == (64, 16)) as live:
+        for _ in range(100):  # one at a time, until the allocator gives b the address a had
+            a = torch.ones(64, 16)
+            a_at = a.data_ptr()
+            del a
+            b = torch.ones(64, 16)
+            if b.data_ptr() == a_at:
+                break
+            del b
+        c = torch.ones(64, 16)
+    assert b.data_ptr() == a_at  # the case under test happened
+    assert live.peak == 2 * 64 * 16 * 4  # b and c
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_torch_backend_never_holds_the_full_logits(dtype):
     """The torch backend's peak live [*, V] bytes, forward + backward, stay within its chunk (plus
     the chunk's fp32 copy for a half dtype): 8 chunks of 256 tokens here, as the GPU path. A
     dispatch mode sees a custom op whole, so this runs the op's implementation, which computes
     the loss and both gradients (backward only scales and casts them)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     T, H, V = 2048, 32, 1003
     hidden, weight, targets = _problem(T=T, H=H, V=V, dtype=dtype, seed=4)
-    live: dict[int, tuple] = {}
-    peak = 0
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal peak
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dim() == 2 and V in t.shape and t.shape[0] * t.shape[1] != V * H:
-                    storage = t.untyped_storage()
-                    live.setdefault(storage.data_ptr(), (storage._weak_ref(), storage.nbytes()))
-            for ptr, (ref, _) in list(live.items()):
-                if torch.UntypedStorage._expired(ref):
-                    torch.UntypedStorage._free_weak_ref(live.pop(ptr)[0])
-            peak = max(peak, sum(n for _, n in live.values()))
-            return out
-
-    with Track():
+    with LiveBytes(lambda t: t.dim() == 2 and V in t.shape and t.shape[0] * t.shape[1] != V * H) as logits:
         linear_cross_entropy_fwd(hidden, weight, targets, chunk_size=256, backend="torch")
-    for ref, _ in live.values():
-        torch.UntypedStorage._free_weak_ref(ref)
+    peak = logits.peak
     chunk_bytes = 256 * V * (dtype.itemsize + (4 if dtype != torch.float32 else 0))
     assert 0 < peak <= chunk_bytes, (peak, chunk_bytes)
     assert peak <= T * V * dtype.itemsize * 3 / 8  # 1/8 of the full logits, 3/8 with a half chunk's fp32 copy
