@@ -71,7 +71,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch.txt "$(TORCH_SPEC)"
 	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch.txt --upgrade --upgrade-strategy eager -e ".[test]"
 	$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|kernels|huggingface.hub|tokenizers|safetensors|triton|math.verify)==' | tr '\n' ' '; echo
-	$(INTERPRET) $(LATEST)/bin/python -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
+	$(INTERPRET) $(LATEST)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(LATEST_TESTS)
 
 # Regenerates constraints.txt: the newest versions pyproject.toml allows today, resolved in a fresh
 # venv (torch: the CPU build of the version pinned now; pass TORCH_SPEC=torch==X to move it). Run

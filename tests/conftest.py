@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +34,25 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder `make(folder)` fills, made once per test session: under `make test` (pytest -n 2)
+    both workers share it, the first to ask makes it under a lock and the other waits for it. A
+    reference training run costs 15-30 s, so a module fixture that each worker made for itself cost
+    that twice. Tests only read it (those that resume a run copy it first)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder, done = base / f"made-once-{name}", base / f"made-once-{name}.done"
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when make() raises
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a make() that failed left
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -3,6 +3,7 @@ sampler adapter, and the command line end to end on a tiny model with transforme
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from limo.eval.generators import Completion, LLMGenerator, Request
 from limo.eval.grading import pass_at_k
 from limo.eval.results import load_results
 from limo.eval.run import LIMO_SYSTEM_PROMPT, evaluate, main, sample_seed
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, made_once, shared_path
 
 # Which samples the fake model gets right: problem id -> sample indices.
 RIGHT = {"p0": {0, 1, 2, 3}, "p1": {1, 3}, "p2": set()}
@@ -363,16 +364,17 @@ def test_the_cpu_kv_cache_has_an_explicit_budget_and_costs_only_what_it_uses(tmp
 @pytest.fixture(scope="module")
 def tiny_folder_and_reference(tmp_path_factory):
     """A tiny random Qwen2 with the real tokenizer, and its uninterrupted evaluation (`command`)."""
-    root = tmp_path_factory.mktemp("signal")
-    model_dir = _tiny_qwen_folder(root / "tiny")
-
-    def command(out: Path) -> list[str]:
+    def command(model_dir: Path, out: Path) -> list[str]:
         return [sys.executable, "-m", "limo.eval.run", "--model", str(model_dir), "--benchmarks", "math500", "--limit", "12",
                 "--samples", "2", "--temperature", "0.7", "--max-tokens", "40", "--max-num-seqs", "2", "--device", "cpu",
                 "--out", str(out), "--data", str(shared_path("data", "eval"))]  # fmt: skip
 
-    subprocess.run(command(root / "reference"), cwd=ROOT, env=_SAMPLER_ENV, check=True, capture_output=True, timeout=600)
-    return command, root / "reference"
+    def make(root: Path) -> None:
+        model_dir = _tiny_qwen_folder(root / "tiny")
+        subprocess.run(command(model_dir, root / "reference"), cwd=ROOT, env=_SAMPLER_ENV, check=True, capture_output=True, timeout=600)
+
+    root = made_once(tmp_path_factory, "eval-signal", make)
+    return functools.partial(command, root / "tiny"), root / "reference"
 
 
 _SAMPLER_ENV = {**os.environ, "KERNELS_BACKEND": "torch", "OMP_NUM_THREADS": "1"}

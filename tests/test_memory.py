@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,19 +117,20 @@ def qwen_vocab_folder(tmp_path_factory):
     import shutil
 
     from limo.data import synthetic
-    from tests.conftest import random_hf_qwen2, shared_path
+    from tests.conftest import made_once, random_hf_qwen2, shared_path
 
-    root = tmp_path_factory.mktemp("qwen-vocab")
-    folder, data = root / "model", root / "limo.jsonl"
-    hf = random_hf_qwen2(seed=7, vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    hf.save_pretrained(folder)
-    for f in shared_path("data", "tokenizers", "qwen2.5").iterdir():
-        if f.suffix in (".json", ".txt", ".jinja"):
-            shutil.copy(f, folder / f.name)
-    records = [{**r, "solution": (r["solution"] + "\n") * 8} for r in synthetic.train_split(64, seed=3)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder, data
+    def make(root: Path) -> None:
+        hf = random_hf_qwen2(seed=7, vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        hf.save_pretrained(root / "model")
+        for f in shared_path("data", "tokenizers", "qwen2.5").iterdir():
+            if f.suffix in (".json", ".txt", ".jinja"):
+                shutil.copy(f, root / "model" / f.name)
+        records = [{**r, "solution": (r["solution"] + "\n") * 8} for r in synthetic.train_split(64, seed=3)]
+        (root / "limo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    root = made_once(tmp_path_factory, "qwen-vocab", make)
+    return root / "model", root / "limo.jsonl"
 
 
 @pytest.mark.parametrize("nproc, extra", [

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, made_once
 from tests.damage import DAMAGE
 from tests.test_train import SMALL, losses, train
 
@@ -27,15 +27,7 @@ RUN = ("--train.max_steps=8", "--checkpoint.every_steps=1", "--checkpoint.keep_l
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """nproc -> the folder of the uninterrupted run on that many ranks (each made once, when asked)."""
-    made: dict[int, Path] = {}
-
-    def get(nproc: int) -> Path:
-        if nproc not in made:
-            made[nproc] = tmp_path_factory.mktemp(f"reference-{nproc}")
-            train(made[nproc], nproc, *RUN)
-        return made[nproc]
-
-    return get
+    return lambda nproc: made_once(tmp_path_factory, f"recovery-reference-{nproc}", lambda out: train(out, nproc, *RUN))
 
 
 def _copy(reference: Path, out: Path, keep_to: int = 8) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TORCHRUN, rel_err
+from tests.conftest import ROOT, TORCHRUN, made_once, rel_err
 
 SMALL = [
     "--data.synthetic_samples=96", "--data.samples_per_step=16", "--train.max_steps=6", "--checkpoint.every_steps=2",
@@ -54,9 +54,7 @@ def losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted 2-rank run that the others are compared with."""
-    out = tmp_path_factory.mktemp("reference")
-    train(out)
-    return out
+    return made_once(tmp_path_factory, "train-reference", train)
 
 
 # The reference run's losses, pinned (commit of 2026-11-30): a change to the model, the init, the
