@@ -1,6 +1,7 @@
 """limo/kernels/compile_check.py: the configurations it compiles, its occupancy arithmetic, and the CI
 comparison against the committed baselines (benchmarks/compare.py)."""
 
+import ast
 import copy
 import json
 import os
@@ -164,6 +165,7 @@ def test_command_line_compiles_for_ampere_and_refuses_the_interpreter():
     command = [sys.executable, "-m", "limo.kernels.compile_check", "--arch", "80", "--kernel", "cross_entropy", "--json"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in done.stderr  # Triton 3.9's warning: the options name FMA contraction
     result = json.loads(done.stdout)
     assert result["arch"] == 80 and len(result["kernels"]) == 12
     for row in result["kernels"]:
@@ -171,3 +173,17 @@ def test_command_line_compiles_for_ampere_and_refuses_the_interpreter():
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255
     refused = subprocess.run(command, cwd=ROOT, env={**env, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert refused.returncode == 2 and "TRITON_INTERPRET is set" in refused.stderr
+
+
+def test_every_launch_passes_the_options_compile_check_builds_with():
+    """Each `kernel[grid](...)` in limo/kernels passes triton_common.LAUNCH_OPTIONS: one left to
+    Triton's default FMA contraction would change with Triton 3.10 and differ from what this
+    check compiles."""
+    launches = []
+    for path in sorted((ROOT / "limo" / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                spread = [kw.value for kw in node.keywords if kw.arg is None]
+                named = any(isinstance(v, ast.Name) and v.id == "LAUNCH_OPTIONS" for v in spread)
+                launches.append((f"{path.name}:{node.lineno}", named))
+    assert len(launches) == 7 and all(named for _, named in launches), launches

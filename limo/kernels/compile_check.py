@@ -44,7 +44,7 @@ import triton.language as tl
 
 from limo.kernels import cross_entropy, norm
 from limo.kernels import paged_attention as paged
-from limo.kernels.triton_common import interpreting
+from limo.kernels.triton_common import LAUNCH_OPTIONS, interpreting
 from limo.tools.dtypes import dtype_of
 
 # name, hidden, attention heads, KV heads, vocabulary (head dim = hidden / heads); the model
@@ -247,7 +247,7 @@ def compile_kernel(build: Build, arch: int) -> Usage:
         knobs.nvidia.dump_ptxas_log = True  # ptxas's -v report, which Triton prints
         knobs.cache.dir = cache
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": build.num_warps})
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": build.num_warps, **LAUNCH_OPTIONS})
     report = log.getvalue()
     registers = re.search(r"Used (\d+) registers", report)
     if registers is None:

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from limo.kernels.dispatch import path_of, shapes_only
-from limo.kernels.triton_common import cast, interpreting
+from limo.kernels.triton_common import LAUNCH_OPTIONS, cast, interpreting
 
 LOGITS_BUDGET_BYTES = 1 << 30  # the chunk's logits buffer on a GPU; C is the largest multiple of 256 tokens under it
 # On a CPU the ranks of one host share its RAM and a matmul needs no big tiles: a smaller chunk.
@@ -249,7 +249,7 @@ def linear_cross_entropy_fwd(
                 lg, targets[start:end], losses[start:end],
                 end - start, vocab, lg.stride(0), ignore_index, float(z_loss),
                 WRITE_GRAD=grad, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_T=block_t, BLOCK_V=block_v,
-                INTERP=interpreting(), num_warps=warps,
+                INTERP=interpreting(), num_warps=warps, **LAUNCH_OPTIONS,
             )
         if need_dhidden:
             _matmul_acc(dhidden[start:end], lg, weight, accumulate=False)  # [n, V] @ [V, H]: this chunk's rows

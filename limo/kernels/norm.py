@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from limo.kernels.triton_common import cast, interpreting
+from limo.kernels.triton_common import LAUNCH_OPTIONS, cast, interpreting
 
 MAX_WIDTH = 65536  # one row lives in registers; wider rows would spill (and no model here needs them)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -186,7 +186,7 @@ def rmsnorm_fwd(
             x2, r2, weight.contiguous(), y, s, rstd,
             n_rows, n_cols, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), float(eps),
             HAS_RESIDUAL=residual is not None, ACC=_acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            INTERP=interpreting(), num_warps=warps,
+            INTERP=interpreting(), num_warps=warps, **LAUNCH_OPTIONS,
         )
     return y.view(x.shape), s.view(x.shape), rstd
 
@@ -217,7 +217,7 @@ def rmsnorm_bwd(
             dy2, ds2, s2, weight.contiguous(), rstd, dx, partial,
             n_rows, n_cols, dy2.stride(0), ds2.stride(0), s2.stride(0), dx.stride(0),
             HAS_DY=dy is not None, HAS_DS=ds is not None, ACC=_acc_dtype(s.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            INTERP=interpreting(), num_warps=warps,
+            INTERP=interpreting(), num_warps=warps, **LAUNCH_OPTIONS,
         )
     else:
         partial.zero_()

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from limo.kernels import reference
 from limo.kernels.dispatch import kernel_backend
-from limo.kernels.triton_common import cast, interpreting
+from limo.kernels.triton_common import LAUNCH_OPTIONS, cast, interpreting
 
 BLOCK_N = 64  # tokens per tile of the attention loop (any page size; each token finds its page)
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more to merge than it saves
@@ -195,7 +195,9 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         return
     row = Hkv * D
     block_t, block_r = store_tiles(T, row)
-    _store_kv_kernel[(triton.cdiv(T, block_t),)](k, v, k_cache, v_cache, slot_mapping, T, k.stride(0), v.stride(0), row, block_t, block_r)
+    _store_kv_kernel[(triton.cdiv(T, block_t),)](
+        k, v, k_cache, v_cache, slot_mapping, T, k.stride(0), v.stride(0), row, block_t, block_r, **LAUNCH_OPTIONS
+    )
 
 
 @functools.cache
@@ -270,7 +272,7 @@ def paged_attention_triton(
         _paged_attention_kernel[(B, Hkv, 1)](
             q, k_cache, v_cache, block_tables, context_lens, out, out, out, qk_scale, partition,
             q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0), out.stride(0), out.stride(1), 0, **consts,
-            num_warps=warps,
+            num_warps=warps, **LAUNCH_OPTIONS,
         )  # fmt: skip
         return out
     part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)  # unnormalised outputs
@@ -279,11 +281,11 @@ def paged_attention_triton(
     _paged_attention_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, m, l, qk_scale, partition,
         q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), **consts,
-        num_warps=warps,
+        num_warps=warps, **LAUNCH_OPTIONS,
     )  # fmt: skip
     _merge_splits_kernel[(B, Hq)](
         part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=D, D_PAD=consts["D_PAD"], S_PAD=triton.next_power_of_2(splits), INTERP=interpreting(),
+        HEAD_DIM=D, D_PAD=consts["D_PAD"], S_PAD=triton.next_power_of_2(splits), INTERP=interpreting(), **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out
 
