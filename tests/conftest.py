@@ -42,8 +42,8 @@ def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callabl
     reference training run costs 15-30 s, so a module fixture that each worker made for itself cost
     that twice. Tests only read it (those that resume a run copy it first)."""
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the session's folder, above each worker's own
+    if base.name.startswith("popen-gw"):
+        base = base.parent  # an xdist worker's folder: the session's is the one above
     folder, done = base / f"made-once-{name}", base / f"made-once-{name}.done"
     with open(f"{folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when make() raises

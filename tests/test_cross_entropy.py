@@ -211,8 +211,9 @@ def test_live_bytes_counts_a_tensor_made_where_a_freed_one_was():
             if b.data_ptr() == a_at:
                 break
             del b
+        else:
+            pytest.fail("the allocator never gave a new tensor a freed one's address in 100 tries: the case did not arise")
         c = torch.ones(64, 16)
-    assert b.data_ptr() == a_at  # the case under test happened
     assert live.peak == 2 * 64 * 16 * 4  # b and c
 
 

@@ -1,6 +1,7 @@
 """Backend selection in limo/kernels/dispatch.py: explicit, decided once, logged, never a silent fallback; fake tensors take their device's path."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -180,9 +181,12 @@ def test_the_compile_constant_marker_is_the_one_torch_sets():
 
 
 def test_the_kernels_and_the_cpu_sampler_start_without_torch_dynamo():
-    """torch._dynamo costs ~2 s of every process's start-up: a process that never compiles (a data
-    tool, the sampler on a CPU) does not import it. Training imports it at FSDP2's first forward."""
+    """torch._dynamo costs ~2 s of every process's start-up: a process without a GPU that never
+    compiles (a data tool, the sampler on a CPU) does not import it (with CUDA, importing the
+    kernels reads torch varlen_attn's signature, which does; training imports it at FSDP2's first
+    forward anyway). The process is made GPU-less here, so the check holds on a GPU machine too."""
     code = ("import sys; import limo.kernels, limo.eval.sampler, limo.data.inspect; "
             "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "[]", out

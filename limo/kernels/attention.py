@@ -19,39 +19,29 @@ whose backward, an op too, recomputes each sample's attention and differentiates
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 
 import torch
 
 from limo.kernels import reference
-from limo.kernels.dispatch import attention_backend, path_of, shapes_only
+from limo.kernels.dispatch import attention_backend, constant_to_compile, path_of, shapes_only
 
 
-def _torch_varlen_kwargs() -> dict:
-    """Causality and GQA as this torch's varlen_attn spells them: PyTorch 2.10 has `is_causal`,
-    2.11+ a (left, right) window; `enable_gqa` where it exists (else K/V are repeated per group)."""
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-        return {}
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return {**causal, "enable_gqa": True} if "enable_gqa" in params else causal
+_VARLEN_PARAMS: dict[str, bool] = {}
 
 
-# Resolved once, never inside a torch.compile trace (which would trace `inspect`): at import where
-# CUDA is available, as real tensors take torch_varlen only there; elsewhere at the first call,
-# which only fake CUDA tensors make (the simulation, uncompiled). torch.nn.attention.varlen imports
-# torch._dynamo, ~2 s of start-up that a process without a GPU (a data tool, a CPU sampler) skips.
-_TORCH_VARLEN_KWARGS: dict | None = _torch_varlen_kwargs() if torch.cuda.is_available() else None
+@constant_to_compile
+def _varlen_takes(param: str) -> bool:
+    """Whether this torch's varlen_attn takes `param`: PyTorch 2.10 spells causality `is_causal`,
+    2.11+ a (left, right) `window_size`; `enable_gqa` where it exists (else K/V are repeated per
+    group). Read at the first call, as torch.nn.attention.varlen imports torch._dynamo (~2 s of a
+    process's start-up that one without a GPU skips), and a constant to torch.compile, which calls
+    it instead of tracing `inspect`."""
+    if param not in _VARLEN_PARAMS:
+        from torch.nn.attention.varlen import varlen_attn
 
-
-def _varlen_kwargs() -> dict:
-    global _TORCH_VARLEN_KWARGS
-    if _TORCH_VARLEN_KWARGS is None:
-        _TORCH_VARLEN_KWARGS = _torch_varlen_kwargs()
-    return _TORCH_VARLEN_KWARGS
+        _VARLEN_PARAMS[param] = param in inspect.signature(varlen_attn).parameters
+    return _VARLEN_PARAMS[param]
 
 
 @torch.library.custom_op("limo::varlen_attention_reference", mutates_args=())
@@ -138,8 +128,10 @@ def _fast_varlen(backend: str, q, k, v, cu_q, cu_k, max_q, max_k, scale):
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
     from torch.nn.attention.varlen import varlen_attn
 
-    kwargs = _varlen_kwargs()
-    if "enable_gqa" not in kwargs:
+    kwargs = {"window_size": (-1, 0)} if _varlen_takes("window_size") else {"is_causal": True}
+    if _varlen_takes("enable_gqa"):
+        kwargs["enable_gqa"] = True
+    else:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **kwargs)

@@ -85,7 +85,7 @@ def swapped_kernels(**impls: Callable) -> Iterator[None]:
 def constant_to_compile(fn: Callable[..., _R]) -> Callable[..., _R]:
     """`torch.compiler.assume_constant_result`, without importing torch._dynamo (about 2 s of a
     process's start-up; the sampler, the data tools and the simulation never compile). torch's
-    decorator only sets the attribute Dynamo reads; tests/test_dispatch.py checks that it still
+    decorator only sets the attribute Dynamo reads; tests/test_kernels_backend.py checks that it still
     does, so a torch that changes the marker fails there, not silently in a compiled model."""
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn
