@@ -66,7 +66,8 @@ from limo import kernels  # noqa: E402
 import limo.kernels.cross_entropy as ce  # noqa: E402
 from benchmarks.bench_curate import grading_speed, time_curation  # noqa: E402
 from benchmarks.bench_sampler_cpu import host_step  # noqa: E402
-from benchmarks.harness import LIMO_RECIPE, LiveBytes  # noqa: E402
+from benchmarks.harness import LIMO_RECIPE  # noqa: E402
+from benchmarks.live_bytes import LiveBytes  # noqa: E402
 from limo.data.dataset import EncodedSample  # noqa: E402
 from limo.data.packing import build_step  # noqa: E402
 from limo.engine.config import load_config  # noqa: E402
