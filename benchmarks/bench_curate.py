@@ -21,6 +21,7 @@ import os
 import random
 import re
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import ROOT, environment
+from benchmarks.harness import ROOT, environment, python_unit
 
 GOAL_20K_S = 120.0
+UNIT_RUNS = 25  # python_unit timings on each side of the grading
 SHARED_EVAL = ROOT.parent / "shared" / "data" / "eval"
 _NUMBER = re.compile(r"\d+")
 
@@ -78,12 +80,18 @@ def time_curation(size: int, eval_dir: Path = SHARED_EVAL) -> dict:
 
 
 def grading_speed(shared: Path = ROOT.parent / "shared", threads: int = os.cpu_count() or 2) -> dict:
-    """Verdicts per second of eval.grading.grade over every real output of `shared`/data/graded_outputs, workers warm."""
+    """Verdicts per second of eval.grading.grade over every real output of `shared`/data/graded_outputs,
+    workers warm, and the wall time per verdict in units of harness.python_unit (timed on the wall
+    clock just before and after grading): a slower or busier machine moves both alike."""
     from limo.eval.agreement import grade_timed, load_graded_outputs
 
     records = load_graded_outputs(shared)
+    units = [python_unit(time.perf_counter) for _ in range(UNIT_RUNS)]
     _, elapsed = grade_timed(records, threads)
-    return {"verdicts": len(records), "seconds": elapsed, "verdicts_per_s": len(records) / elapsed, "threads": threads}
+    units += [python_unit(time.perf_counter) for _ in range(UNIT_RUNS)]
+    unit = statistics.median(units)
+    return {"verdicts": len(records), "seconds": elapsed, "verdicts_per_s": len(records) / elapsed, "threads": threads,
+            "python_unit_us": unit * 1e6, "units_per_verdict": elapsed / len(records) / unit}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.grading:
         rows = [grading_speed()]
         print(f"graded {rows[0]['verdicts']} outputs in {rows[0]['seconds']:.2f} s: {rows[0]['verdicts_per_s']:.0f} verdicts/s "
-              f"on {rows[0]['threads']} threads")  # fmt: skip
+              f"on {rows[0]['threads']} threads ({rows[0]['units_per_verdict']:.2f} python units per verdict)")  # fmt: skip
     else:
         rows = [time_curation(int(n), args.eval_dir) for n in args.sizes.split(",")]
         for r in rows:

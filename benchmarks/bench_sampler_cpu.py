@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.harness import python_unit
 from limo.model.init import init_weights
 from limo.model.qwen2 import ModelArgs
 
@@ -48,19 +49,6 @@ class NullModel(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fixed.expand(hidden.shape[0], -1)  # [n, V]
-
-
-def python_unit(clock: Callable[[], float] = time.thread_time) -> float:
-    """Seconds of `clock` for a fixed piece of plain Python (dict and list work, as a scheduler
-    does): the yardstick the host figures are divided by, so that a slower or busier machine moves
-    both alike. Measured between decode steps, in the same thread."""
-    start = clock()
-    table: dict[int, int] = {}
-    out: list[int] = []
-    for i in range(4000):
-        table[i & 255] = i
-        out.append(table.get((i * 7) & 255, 0) + i)
-    return clock() - start
 
 
 def _timed(obj: object, name: str, into: list[float], clock: Callable[[], float]) -> None:

@@ -202,10 +202,22 @@ def peak_extra_bytes(run: Runnable, device: torch.device) -> int | None:
     return int(peak)
 
 
+def python_unit(clock: Callable[[], float] = time.thread_time) -> float:
+    """Seconds of `clock` for a fixed piece of plain Python (dict and list work, as a scheduler
+    does): the yardstick the host figures are divided by, so that a slower or busier machine moves
+    both alike. The sampler's host figure times it between decode steps in the same thread; the
+    grader's, before and after grading."""
+    start = clock()
+    table: dict[int, int] = {}
+    out: list[int] = []
+    for i in range(4000):
+        table[i & 255] = i
+        out.append(table.get((i * 7) & 255, 0) + i)
+    return clock() - start
+
 
 # ---------------------------------------------------------------------------------------------
 # The runner
-
 
 OURS = "ours"
 

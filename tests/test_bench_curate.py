@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import bench_curate
 from tests.conftest import shared_path
 
@@ -30,3 +32,14 @@ def test_curation_is_timed_in_a_process_of_its_own_and_dedup_finds_the_copies(tm
         assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50
         assert r["removed"]["dedup"] >= r["records"] // 10  # every relabelled copy, at least
     assert "1 M records" in capsys.readouterr().out
+
+
+def test_grading_speed_is_held_in_python_units(monkeypatch):
+    from limo.eval import agreement
+
+    records = agreement.load_graded_outputs(shared_path())[:40]
+    monkeypatch.setattr(agreement, "load_graded_outputs", lambda shared: records)
+    r = bench_curate.grading_speed(threads=2)
+    assert r["verdicts"] == 40 and r["threads"] == 2 and r["python_unit_us"] > 0
+    assert r["verdicts_per_s"] == 40 / r["seconds"]
+    assert r["units_per_verdict"] == pytest.approx(r["seconds"] / 40 / (r["python_unit_us"] * 1e-6), rel=1e-12)
