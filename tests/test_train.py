@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from limo.engine.config import load_config
+from limo.engine.optim import lr_lambda
 from tests.conftest import ROOT, TORCHRUN, made_once, rel_err
 
 SMALL = [
@@ -303,9 +305,11 @@ def test_training_on_the_triton_kernels_matches_the_torch_kernels(reference, tmp
     out = tmp_path / "triton"
     proc = train(out, 2, "--train.max_steps=3", "--checkpoint.export_hf=false", backend="triton")
     assert "kernels on cpu: triton" in proc.stderr
-    torch_run = tmp_path / "torch"
-    train(torch_run, 2, "--train.max_steps=3", "--checkpoint.export_hf=false")
-    assert rel_err(torch.tensor(losses(out)), torch.tensor(losses(torch_run))) < 1e-5
+    # Step k's loss depends on the lrs of steps 0..k-2; the demo's schedule gives those alike at 3
+    # and 6 steps, so the reference's first 3 losses are a 3-step torch run's.
+    optim = load_config(ROOT / "configs/demo.toml", SMALL).optim
+    assert [lr_lambda(optim, 3)(s) for s in (0, 1)] == [lr_lambda(optim, 6)(s) for s in (0, 1)]
+    assert rel_err(torch.tensor(losses(out)), torch.tensor(losses(reference)[:3])) < 1e-5
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path):
