@@ -3,6 +3,7 @@ kind of damage set aside, a dead run's leftovers, a live second writer, a full d
 I/O error; the safe metadata reader; torn metrics lines. (Runs on 1 and 2 ranks, SIGKILL and
 reruns are end to end in test_train.py and test_recovery.py.)"""
 
+import errno
 import json
 import os
 import pickle
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from limo.engine import checkpoint
 from limo.engine.checkpoint import Checkpointer, CheckpointWriteError, SafeReader
 from limo.engine.integrity import digest_file, share
 from limo.engine.metrics import MetricsLogger, peak_flops_of
@@ -263,3 +265,21 @@ def test_an_async_save_stages_returns_and_completes_before_the_next_one(tmp_path
         a, b = tmp_path / "sync" / "checkpoints" / step, tmp_path / "async" / "checkpoints" / step
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
         assert all((a / p.name).read_bytes() == (b / p.name).read_bytes() for p in a.iterdir())
+
+
+def test_an_async_save_whose_start_failed_fails_at_the_next_poll(tmp_path, monkeypatch):
+    """A failure while staging leaves no future: poll() must still complete (and so fail) that
+    save, on every rank, at the next step; before, a rank in that state skipped poll's gather
+    while the others entered it."""
+    model = _tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt = Checkpointer(tmp_path / "run", keep_last=3, rank=0, async_save=True)
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(checkpoint.dcp, "async_save", fail)
+    ckpt.save(2, model, optimizer, {**STATE, "step": 2})  # returns: the failure is reported where saves complete
+    with pytest.raises(CheckpointWriteError, match=r"saving checkpoint .*step-00000002 failed: .*Cannot allocate memory"):
+        ckpt.poll()
+    assert ckpt.complete() == [] and not list((tmp_path / "run" / "checkpoints").glob(".step-*"))

@@ -173,6 +173,18 @@ def test_sigterm_during_a_save_lets_it_finish_then_stops(reference, tmp_path):
     assert losses(out) == losses(reference)
 
 
+def test_sigterm_during_the_last_async_write_stops_before_the_export_and_the_rerun_exports(reference, tmp_path):
+    """The last step's save is written in the background while the loop ends: a SIGTERM then is
+    not lost; the run stops once that checkpoint is complete, and the rerun only exports."""
+    out = tmp_path / "preempted-last"
+    proc = train(out, 2, "--checkpoint.async_save=true", crash_at="write:6", check=False, ENGINE_CRASH_SIGNAL="TERM")
+    assert proc.returncode != 0 and "preempted: stopped after step 6 of 6" in proc.stderr, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "step-00000006").is_dir() and not (out / "hf").exists()
+    finished = train(out, 2, "--checkpoint.async_save=true")
+    assert "resumed from" in finished.stderr and (out / "hf" / "config.json").is_file()
+    assert losses(out) == losses(reference)
+
+
 def test_an_elastic_restart_resumes_by_itself_with_the_same_losses(reference, tmp_path):
     """torchrun --max-restarts 2, one worker killed at step 3: the group goes down, torchrun
     restarts it, and the run resumes from step 2 with no flag changed."""

@@ -354,8 +354,8 @@ class Checkpointer:
     def poll(self) -> None:
         """At a step boundary: complete the save in flight if every rank's write has finished (a
         failed one fails the run here, on every rank, with the save's message)."""
-        if self._pending is not None and self._pending.future is not None:
-            done = all_gather_object(self._pending.future.done())
+        if self._pending is not None:  # on every rank: one whose start failed holds no future, and gathers too
+            done = all_gather_object(self._pending.future is None or self._pending.future.done())
             if all(done):
                 self.wait()
 

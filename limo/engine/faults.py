@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import signal
+import time
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ def crash_point(where: str) -> None:
             launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()  # plain python: itself
             log.warning("ENGINE_CRASH_AT=%s: sending SIGTERM to pid %d", where, launcher)
             os.kill(launcher, signal.SIGTERM)
+            if launcher != os.getpid():  # torchrun forwards it to every rank: as on a cluster, all have it before the next check
+                time.sleep(1.0)
         return
     if os.environ.get("ENGINE_CRASH_RANK", rank) == rank:
         log.warning("ENGINE_CRASH_AT=%s: killing this process now", where)

@@ -219,7 +219,8 @@ def run_steps(cfg: Config, world: Distributed, out: Path, args: ModelArgs, model
             else:
                 bad_steps += 1
                 log.warning("step %d: non-finite loss %s or grad norm %s; skipped (%d in a row)", step, loss_value, norm_value, bad_steps)
-                if bad_steps >= cfg.train.max_bad_steps:
+                if bad_steps >= cfg.train.max_bad_steps:  # every rank, at the same step: the save in flight completes first
+                    checkpointer.wait()
                     raise RuntimeError(f"{bad_steps} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}); aborting")
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
@@ -251,6 +252,9 @@ def run_steps(cfg: Config, world: Distributed, out: Path, args: ModelArgs, model
             if step >= total_steps:
                 break
         checkpointer.wait()  # async_save: the last save is complete before the export
+        if preemption.agreed(world.device):  # a signal during that write: the run is saved; stop before the export
+            raise Preempted(f"stopped after step {step} of {total_steps} ({preemption.name or 'signalled on another rank'}): "
+                            f"{checkpointer.root / f'step-{step:08d}'} holds it; the same command resumes")
 
 
 def step_rates(cfg: Config, world: Distributed, args: ModelArgs, batch: Any, step_time: float) -> dict[str, Any]:
